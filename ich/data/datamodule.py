@@ -1,0 +1,282 @@
+"""The LightningDataModule: one interface over the phantom, RSNA DICOMs and image folders.
+
+`prepare_data` writes the phantom and the header index once (rank 0); `setup` filters blank slices,
+splits by patient, keeps the slices the task needs, balances the training split, and builds one
+dataset per stage. What was used and what was skipped is counted in `summary`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from ich.data.augment import build_augmentation
+from ich.data.dataset import DicomLoader, ImageLoader, SliceDataset, collate_skipping
+from ich.data.index import IndexSummary, load_or_build_index
+from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
+from ich.data.splits import STAGES, split_by_patient, undersample
+from ich.data.windows import parse_windows
+from ich.privacy import pseudonym
+from ich.tasks import SUBTYPES, Task, get_task
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("phantom", "rsna", "images")
+
+
+def phantom_root(cache_dir: Path, settings: dict) -> Path:
+    """One folder per phantom setting, so a changed setting never reuses stale files."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir / f"phantom-{key}"
+
+
+def ensure_phantom(cache_dir: Path, settings: dict) -> Path:
+    """Write the phantom on first use; a half-written one is never mistaken for a finished one."""
+    from ich.data.phantom import generate
+
+    root = phantom_root(cache_dir, settings)
+    if (root / "stage_2_train.csv").is_file():
+        return root
+    log.info("Writing the phantom dataset to %s (first use only)", root)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    generate(tmp, **settings)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp)  # another process finished first; theirs is identical
+    return root
+
+
+def task_rows(table: pd.DataFrame, task: Task) -> pd.Series:
+    """Which slices a task trains on: subtype keeps positives that carry exactly one subtype."""
+    if task.loss == "ce":
+        return table[list(SUBTYPES)].sum(axis=1) == 1
+    return pd.Series(True, index=table.index)
+
+
+def task_targets(table: pd.DataFrame, task: Task) -> np.ndarray:
+    values = table[list(task.outputs)].to_numpy()
+    if task.loss == "ce":
+        return values.argmax(axis=1).astype(np.int64)
+    return values.astype(np.float32)
+
+
+def context_stacks(table: pd.DataFrame, context: int) -> list[list[str]]:
+    """Per slice the paths of slices s-k..s+k of its series, repeating the edge slices."""
+    if context == 0:
+        return [[p] for p in table["path"]]
+    paths_by_series = {s: g.sort_values("slice_index")["path"].tolist() for s, g in table.groupby("series")}
+    stacks = []
+    for series, i in zip(table["series"], table["slice_index"]):
+        paths = paths_by_series[series]
+        stacks.append([paths[min(max(i + d, 0), len(paths) - 1)] for d in range(-context, context + 1)])
+    return stacks
+
+
+class ICHDataModule(pl.LightningDataModule):
+    """Data for one task from one source; every argument is a `data.*` key of the config (see conf/data)."""
+
+    def __init__(
+        self,
+        task: str = "binary",
+        source: str = "phantom",
+        root: str | None = None,
+        image_dir: str | None = None,
+        labels: str | None = None,
+        cache_dir: str = "~/.cache/ich",
+        windows: list = ("brain", "subdural", "bone"),
+        context: int = 0,
+        image_size: int = 256,
+        min_brain_fraction: float = 0.0,
+        split: list[float] = (0.7, 0.15, 0.15),
+        split_file: str | None = None,
+        seed: int = 0,
+        balance: str = "none",
+        balance_ratio: float = 1.0,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        augment: dict | None = None,
+        phantom: dict | None = None,
+        output_dir: str | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"Unknown data.source '{source}': choose data=phantom, data=rsna or data=images.")
+        if source != "phantom" and not root:
+            raise ValueError(f"data={source} needs data.root=DIR, the folder that holds the dataset.")
+        if balance not in ("none", "undersample"):
+            raise ValueError(f"Unknown data.balance '{balance}': use none or undersample.")
+        if source == "images" and context:
+            raise ValueError("data.context needs slice positions, which PNG/JPG folders lack: set data.context=0.")
+        self.task = get_task(task)
+        self.source, self.image_dir, self.labels = source, image_dir, labels
+        self.root = Path(root).expanduser() if root else None
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.windows = tuple(parse_windows(windows))
+        self.context, self.image_size, self.min_brain_fraction = int(context), int(image_size), float(min_brain_fraction)
+        self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
+        self.balance, self.balance_ratio = balance, float(balance_ratio)
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.augment = dict(augment or {})
+        self.phantom = dict(phantom or {})
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.datasets: dict[str, SliceDataset] = {}
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.summary: dict = {}
+
+    # -- the full table of usable slices --------------------------------------------------------
+    def _dicom_root(self) -> Path:
+        if self.source == "phantom":
+            return ensure_phantom(self.cache_dir, self.phantom)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={self.root} does not exist: point it at the RSNA download folder.")
+        return self.root
+
+    def _slice_table(self) -> pd.DataFrame:
+        if self.source == "images":
+            return self._image_table()
+        index, summary, _ = self.build_index()
+        self.summary["skipped"] = dict(summary.skipped, missing_file=summary.missing_files)
+        return index
+
+    def build_index(self, force: bool = False, workers: int | None = None) -> tuple[pd.DataFrame, IndexSummary, Path]:
+        """The header index of a DICOM source (written on first use, reused after)."""
+        root = self._dicom_root()
+        labels_csv = find_rsna_labels(root)
+        images = find_rsna_images(root, self.image_dir)
+        return load_or_build_index(images, labels_csv, read_rsna_labels(labels_csv), self.cache_dir, workers, force)
+
+    def _image_table(self) -> pd.DataFrame:
+        table = read_image_table(self.root, Path(self.labels).expanduser(), self.task.outputs)
+        table["patient"] = [pseudonym(p) for p in table["patient"]]
+        exists = np.array([Path(p).is_file() for p in table["path"]])
+        missing = table.loc[~exists, "filename"]
+        if len(missing):
+            log.warning("Skipped %d labelled images with no file: %s", len(missing), ", ".join(missing.head(10)))
+        self.summary["skipped"] = {"missing_file": int(len(missing))}
+        return table[exists].reset_index(drop=True)
+
+    def prepare_data(self) -> None:
+        if self.source != "images":
+            self._slice_table()
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _stages(self, table: pd.DataFrame) -> pd.Series:
+        if self.split_file is None:
+            stages = split_by_patient(table, self.split, self.seed)
+            if self.output_dir is not None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                table.assign(split=stages)[["image_id", "patient", "split"]].to_csv(self.output_dir / "split.csv", index=False)
+            return stages
+        saved = pd.read_csv(self.split_file, dtype=str).set_index("image_id")["split"]
+        stages = table["image_id"].map(saved)
+        if stages.isna().all():
+            raise ValueError(f"None of the slices of this dataset appear in {self.split_file}: is it the same data?")
+        return stages
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        table = self._slice_table()
+        found = len(table)
+        if self.source != "images" and self.min_brain_fraction > 0:
+            blank = table["brain_fraction"] < self.min_brain_fraction
+            self.summary.setdefault("skipped", {})["little_brain"] = int(blank.sum())
+            table = table[~blank]
+        stacks = dict(zip(table["image_id"], context_stacks(table, self.context))) if self.source != "images" else None
+        table = table.assign(split=self._stages(table))
+        table = table[task_rows(table, self.task) & table["split"].notna()]
+        if table.empty:
+            raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
+        loader = self._loader(table)
+        augmentation = build_augmentation(**self.augment)
+        for name in STAGES:
+            part = table[table["split"] == name]
+            if name == "train" and self.balance == "undersample":
+                # subtype balances its five classes; binary and multilabel balance `any`
+                classes = task_targets(part, self.task) if self.task.loss == "ce" else part["any"].to_numpy()
+                part = undersample(part, classes, self.balance_ratio, self.seed)
+            self.tables[name] = part.reset_index(drop=True)
+            part_stacks = [stacks[i] for i in part["image_id"]] if stacks else [[p] for p in part["path"]]
+            self.datasets[name] = SliceDataset(
+                part_stacks,
+                task_targets(part, self.task),
+                part["image_id"].tolist(),
+                loader,
+                transform=augmentation if name == "train" else None,
+            )
+        self.summary.update(
+            slices_found=found,
+            slices={name: len(ds) for name, ds in self.datasets.items()},
+            patients={name: int(self.tables[name]["patient"].nunique()) for name in STAGES},
+        )
+        log.info("Data: %s", json.dumps(self.summary))
+
+    def _loader(self, table: pd.DataFrame):
+        if self.source != "images":
+            return DicomLoader(self.windows, self.image_size)
+        first = cv2.imread(table["path"].iloc[0], cv2.IMREAD_UNCHANGED)
+        return ImageLoader(self.image_size, channels=1 if first is None or first.ndim == 2 else 3)
+
+    # -- what the model needs to know -----------------------------------------------------------
+    @property
+    def num_channels(self) -> int:
+        return next(iter(self.datasets.values())).channels
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.task.outputs
+
+    def pos_weight(self) -> list[float]:
+        """BCE pos_weight per output: negatives over positives on the training split."""
+        targets = self.datasets["train"].targets
+        positives = targets.sum(axis=0)
+        return ((len(targets) - positives) / np.maximum(positives, 1)).tolist()
+
+    def class_weights(self) -> list[float]:
+        """Cross-entropy weights inversely proportional to class frequency on the training split."""
+        counts = np.bincount(self.datasets["train"].targets, minlength=self.task.num_outputs)
+        return (counts.sum() / (self.task.num_outputs * np.maximum(counts, 1))).tolist()
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _dataloader(self, stage: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[stage],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping,
+            drop_last=shuffle and len(self.datasets[stage]) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._dataloader("test", shuffle=False)
+
+    def folder_dataloader(self, folder: str | Path) -> DataLoader:
+        """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
+        index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
+        self.tables["folder"] = index
+        zeros = np.zeros(len(index), np.int64) if self.task.loss == "ce" else np.zeros((len(index), self.task.num_outputs), np.float32)
+        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(), DicomLoader(self.windows, self.image_size))
+        self.datasets["folder"] = dataset
+        return self._dataloader("folder", shuffle=False)

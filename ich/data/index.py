@@ -1,0 +1,188 @@
+"""One pass over every DICOM of a dataset, kept as a parquet index beside the cache.
+
+The pass reads each file once (in parallel, with a progress bar) and records what training needs
+without touching pixels again: who the slice belongs to (pseudonymised), where it sits along its
+series, its window tags and bit depth, its labels, and how much of it is brain (for the blank-slice
+filter). Files that cannot be read are counted per reason and listed in `skipped.csv`, never dropped
+silently.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ich.data.dicom import DicomReadError, read_slice
+from ich.privacy import pseudonym
+from ich.tasks import LABELS
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+BRAIN_HU = (0.0, 80.0)  # the brain window: CSF, grey and white matter, fresh blood
+
+
+@dataclass
+class IndexSummary:
+    """What one pass found; printed by `python -m ich.prepare` and kept as `summary.json`."""
+
+    files_found: int = 0
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    labels_file: str | None = None
+    labels_stamp: list[float] = field(default_factory=list)  # size and mtime of the label file
+    missing_files: int = 0  # labelled ids with no DICOM
+    positives: dict[str, int] = field(default_factory=dict)  # label -> slices
+    version: int = INDEX_VERSION
+
+    def lines(self) -> list[str]:
+        out = [f"files found: {self.files_found}", f"read: {self.read}"]
+        out += [f"skipped ({reason}): {count}" for reason, count in sorted(self.skipped.items())]
+        if self.labels_file:
+            out.append(f"labelled ids without a file: {self.missing_files}")
+            out += [f"images with {name}: {self.positives.get(name, 0)}" for name in LABELS]
+        return out
+
+
+def _brain_fraction(hu: np.ndarray) -> float:
+    sample = hu[::4, ::4]  # a quarter of the rows and columns is plenty for a fraction
+    return float(((sample >= BRAIN_HU[0]) & (sample <= BRAIN_HU[1])).mean())
+
+
+def scan_file(path: str) -> dict:
+    """Index one file; an unreadable one comes back as a row with a `skip` reason."""
+    try:
+        header, hu = read_slice(path)
+    except DicomReadError as err:
+        return {"image_id": Path(path).stem, "skip": err.reason, "detail": str(err)}
+    return {
+        "image_id": header.image_id,
+        "path": path,
+        "patient": pseudonym(header.patient),
+        "study": pseudonym(header.study),
+        "series": pseudonym(header.series),
+        "position": header.position,
+        "window_center": header.window_center,
+        "window_width": header.window_width,
+        "bits_stored": header.bits_stored,
+        "pixel_representation": header.pixel_representation,
+        "rows": header.rows,
+        "columns": header.columns,
+        "brain_fraction": _brain_fraction(hu),
+    }
+
+
+def _scan_all(paths: list[str], workers: int) -> list[dict]:
+    progress = dict(total=len(paths), desc="Indexing DICOMs", unit="file", mininterval=1.0)
+    if workers <= 1 or len(paths) < 64:
+        return [scan_file(p) for p in tqdm(paths, **progress)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(scan_file, paths, chunksize=32), **progress))
+
+
+def add_slice_order(index: pd.DataFrame) -> pd.DataFrame:
+    """Order slices within each series by their position along the slice normal.
+
+    RSNA files have no InstanceNumber; file names carry no order either.
+    """
+    index = index.sort_values(["series", "position", "image_id"], na_position="last", kind="stable")
+    index["slice_index"] = index.groupby("series").cumcount().astype("int32")
+    index["series_length"] = index.groupby("series")["image_id"].transform("size").astype("int32")
+    unordered = index.loc[index["position"].isna(), "series"].nunique()
+    if unordered:
+        log.warning("%d series have slices without ImagePositionPatient: their order (data.context) is a guess", unordered)
+    return index.reset_index(drop=True)
+
+
+def list_dicoms(image_dir: Path) -> list[Path]:
+    files = sorted(image_dir.rglob("*.dcm"))
+    if not files:
+        raise FileNotFoundError(f"No .dcm files under {image_dir}: check data.root / data.image_dir.")
+    return files
+
+
+def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
+    """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None)."""
+    files = list_dicoms(image_dir)
+    summary = IndexSummary(files_found=len(files))
+    skipped: list[dict] = []
+    if labels is not None:
+        known = set(labels["image_id"])
+        unlabelled = [f for f in files if f.stem not in known]
+        skipped += [{"image_id": f.stem, "skip": "no_label", "detail": "no row in the label file"} for f in unlabelled]
+        files = [f for f in files if f.stem in known]
+        summary.missing_files = len(known - {f.stem for f in files})
+    rows = _scan_all([str(f) for f in files], workers)
+    skipped += [row for row in rows if "skip" in row]
+    index = pd.DataFrame([row for row in rows if "skip" not in row])
+    if index.empty:
+        raise ValueError(f"None of the {summary.files_found} DICOMs under {image_dir} could be used (see skipped.csv).")
+    if labels is not None:
+        index = index.merge(labels, on="image_id", how="inner", validate="one_to_one")
+        summary.positives = {name: int(index[name].sum()) for name in LABELS}
+    summary.read = len(index)
+    summary.skipped = dict(Counter(row["skip"] for row in skipped))
+    skipped_table = pd.DataFrame(skipped, columns=["image_id", "skip", "detail"])
+    return add_slice_order(index), skipped_table, summary
+
+
+def index_dir(cache_dir: Path, image_dir: Path, labels_csv: Path | None) -> Path:
+    """A cache folder per (image folder, label file) pair."""
+    key = f"{image_dir.resolve()}|{labels_csv.resolve() if labels_csv else ''}"
+    return cache_dir / f"index-{image_dir.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _stamp(path: Path | None) -> list[float]:
+    if path is None:
+        return []
+    stat = path.stat()
+    return [float(stat.st_size), stat.st_mtime]
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_or_build_index(
+    image_dir: Path,
+    labels_csv: Path | None,
+    labels: pd.DataFrame | None,
+    cache_dir: Path,
+    workers: int | None = None,
+    force: bool = False,
+) -> tuple[pd.DataFrame, IndexSummary, Path]:
+    """Reuse the index when the folder and label file are unchanged; otherwise scan again."""
+    folder = index_dir(cache_dir, image_dir, labels_csv)
+    index_path, summary_path = folder / "index.parquet", folder / "summary.json"
+    if not force and index_path.is_file() and summary_path.is_file():
+        summary = IndexSummary(**json.loads(summary_path.read_text()))
+        fresh = (
+            summary.version == INDEX_VERSION
+            and summary.labels_stamp == _stamp(labels_csv)
+            and summary.files_found == sum(1 for _ in image_dir.rglob("*.dcm"))
+        )
+        if fresh:
+            return pd.read_parquet(index_path), summary, folder
+        log.info("The files or labels under %s changed since the index was built: scanning again", image_dir)
+    index, skipped, summary = build_index(image_dir, labels, workers or os.cpu_count() or 1)
+    summary.labels_file = str(labels_csv) if labels_csv else None
+    summary.labels_stamp = _stamp(labels_csv)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
+    skipped.to_csv(folder / "skipped.csv", index=False)
+    _write_atomic(summary_path, lambda p: p.write_text(json.dumps(asdict(summary), indent=2)))
+    for reason, group in skipped.groupby("skip"):
+        shown = ", ".join(group["image_id"].head(10))
+        more = f" and {len(group) - 10} more" if len(group) > 10 else ""
+        log.warning("Skipped %d file(s) (%s): %s%s; full list in %s", len(group), reason, shown, more, folder / "skipped.csv")
+    return index, summary, folder

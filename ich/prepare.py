@@ -1,0 +1,29 @@
+"""`python -m ich.prepare data=rsna data.root=DIR`: index every DICOM once, print what was found.
+
+Training builds or reuses the same index by itself; running this first shows the counts (and
+any unreadable files) before a GPU is booked.
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ich import CONFIG_DIR
+from ich.cli import friendly_errors
+from ich.data.datamodule import ICHDataModule
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="prepare", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if data["source"] == "images":
+        raise ValueError("data=images needs no index: PNG/JPG folders are read as listed in data.labels.")
+    datamodule = ICHDataModule(**data)
+    _, summary, folder = datamodule.build_index(force=cfg.force, workers=cfg.workers)
+    print(f"Index: {folder / 'index.parquet'}")
+    for line in summary.lines():
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Writing and showing results: flat metrics as JSON and as a table on the console."""
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write through a temporary file and a rename, so a killed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}")
+    Console().print(table)

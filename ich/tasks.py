@@ -1,0 +1,41 @@
+"""The three ways the papers frame the problem, in one table.
+
+Everything that differs between binary, subtype and multilabel (which labels are predicted,
+how many outputs, which loss and activation, which torchmetrics task) is read from here,
+by the data module and by the LightningModule alike.
+"""
+
+from dataclasses import dataclass
+
+LABELS = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+SUBTYPES = LABELS[1:]
+
+# Weighted multilabel log loss of the RSNA 2019 challenge: 2 on `any`, 1 on each subtype.
+RSNA_LABEL_WEIGHTS = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    outputs: tuple[str, ...]  # one name per model output
+    loss: str  # "bce" (sigmoid per output) or "ce" (softmax over outputs)
+    metric_task: str  # torchmetrics task argument
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+
+TASKS = {
+    "binary": Task("binary", outputs=("any",), loss="bce", metric_task="binary"),
+    # softmax over the five subtypes, on positive slices that carry exactly one subtype
+    "subtype": Task("subtype", outputs=SUBTYPES, loss="ce", metric_task="multiclass"),
+    "multilabel": Task("multilabel", outputs=LABELS, loss="bce", metric_task="multilabel"),
+}
+
+
+def get_task(name: str) -> Task:
+    """Look up a task by name; an unknown name gets one sentence listing the choices."""
+    if name not in TASKS:
+        raise ValueError(f"Unknown task '{name}': choose task=binary, task=subtype or task=multilabel.")
+    return TASKS[name]

@@ -1,0 +1,223 @@
+"""The data layer on real DICOM files written by the phantom: labels, index, splits, tasks, context."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ich.data.datamodule import ICHDataModule
+from ich.data.sources import read_image_table, read_rsna_labels
+from ich.data.splits import split_by_patient, undersample
+from ich.tasks import LABELS, SUBTYPES
+
+PHANTOM = {"patients": 10, "slices": 6, "size": 128, "seed": 0, "quirks": True}
+
+
+def make_datamodule(cache_dir, tmp_path, **kwargs) -> ICHDataModule:
+    settings = dict(source="phantom", cache_dir=str(cache_dir), image_size=64, num_workers=0, batch_size=8,
+                    phantom=PHANTOM, output_dir=str(tmp_path), seed=1)
+    dm = ICHDataModule(**{**settings, **kwargs})
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def write_rsna_csv(path, rows):
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(path, index=False)
+
+
+def six_rows(image_id, positives=()):
+    return [(f"{image_id}_{name}", int(name in positives)) for name in LABELS]
+
+
+# -- label files --------------------------------------------------------------------------------
+def test_rsna_labels_drop_duplicate_rows_and_pivot(tmp_path):
+    rows = six_rows("ID_a", {"any", "subdural"}) + six_rows("ID_b") + six_rows("ID_a", {"any", "subdural"})[:2]
+    write_rsna_csv(tmp_path / "labels.csv", rows)
+    table = read_rsna_labels(tmp_path / "labels.csv").set_index("image_id")
+    assert list(table.index) == ["ID_a", "ID_b"]
+    assert list(table.columns) == list(LABELS)
+    assert table.loc["ID_a", "subdural"] == 1 and table.loc["ID_a", "epidural"] == 0
+    assert table.loc["ID_b"].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (six_rows("ID_a") + [("ID_a_any", 1)], "contradicting"),
+        (six_rows("ID_a") + [("ID_a_tumour", 0)], "unknown label names"),
+        ([(i, 2 if i.endswith("any") else v) for i, v in six_rows("ID_a")], "must be 0 or 1"),
+        (six_rows("ID_a")[:5], "all six labels"),
+    ],
+)
+def test_rsna_labels_reject_bad_files_with_one_sentence(tmp_path, rows, message):
+    write_rsna_csv(tmp_path / "labels.csv", rows)
+    with pytest.raises(ValueError, match=message):
+        read_rsna_labels(tmp_path / "labels.csv")
+
+
+def test_image_table_needs_the_task_labels(tmp_path):
+    pd.DataFrame({"filename": ["a.png"], "any": [1]}).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(ValueError, match=r"needs label column\(s\) \['epidural'"):
+        read_image_table(tmp_path, tmp_path / "labels.csv", LABELS)
+
+
+# -- splits and balance ---------------------------------------------------------------------------
+def toy_index(patients=40, slices=5, positive_every=3):
+    rows = [
+        {"image_id": f"ID_{p}_{s}", "patient": f"P{p}", "any": int(p % positive_every == 0)}
+        for p in range(patients)
+        for s in range(slices)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_split_keeps_each_patient_in_one_stage_and_stratifies():
+    index = toy_index()
+    stages = split_by_patient(index, (0.7, 0.15, 0.15), seed=3)
+    per_patient = index.assign(stage=stages).groupby("patient")["stage"].nunique()
+    assert (per_patient == 1).all()
+    positives = index.assign(stage=stages).groupby("stage")["any"].sum()
+    assert (positives > 0).all(), "every stage should hold hemorrhage patients"
+    assert stages.equals(split_by_patient(index, (0.7, 0.15, 0.15), seed=3))
+    assert not stages.equals(split_by_patient(index, (0.7, 0.15, 0.15), seed=4))
+
+
+def test_split_that_leaves_a_stage_empty_is_refused():
+    with pytest.raises(ValueError, match="leaves the val split empty"):
+        split_by_patient(toy_index(patients=3), (0.9, 0.05, 0.05), seed=0)
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_by_patient(toy_index(), (0.7, 0.2, 0.2), seed=0)
+
+
+def test_undersample_to_one_to_one():
+    table = toy_index()
+    balanced = undersample(table, table["any"].to_numpy(), ratio=1.0, seed=0)
+    counts = balanced["any"].value_counts()
+    assert counts[0] == counts[1] == table["any"].sum()
+
+
+# -- the data module on phantom DICOMs ------------------------------------------------------------
+def test_index_counts_the_corrupt_file_and_orders_series(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path)
+    index, summary, folder = dm.build_index()
+    assert summary.skipped.get("unreadable", 0) + summary.skipped.get("bad_pixel_data", 0) == 1
+    assert summary.read + 1 == summary.files_found == PHANTOM["patients"] * PHANTOM["slices"]
+    skipped = pd.read_csv(folder / "skipped.csv")
+    assert len(skipped) == 1 and skipped["image_id"].str.startswith("ID_").all()
+    for _, series in index.groupby("series"):
+        positions = series.sort_values("slice_index")["position"].to_numpy()
+        assert np.all(np.diff(positions) > 0), "slices must be ordered along the slice normal"
+    # no raw identifiers: patient ids are pseudonyms
+    assert index["patient"].str.startswith("P").all()
+
+
+def test_index_is_reused_when_nothing_changed(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path)
+    _, _, folder = dm.build_index()
+    stamp = (folder / "index.parquet").stat().st_mtime_ns
+    dm.build_index()
+    assert (folder / "index.parquet").stat().st_mtime_ns == stamp
+    dm.build_index(force=True)
+    assert (folder / "index.parquet").stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("task, shape, dtype", [("binary", (1,), torch.float32), ("multilabel", (6,), torch.float32), ("subtype", (), torch.int64)])
+def test_each_task_gets_its_targets(cache_dir, tmp_path, task, shape, dtype):
+    dm = make_datamodule(cache_dir, tmp_path, task=task)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[1:] == (3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["target"].shape[1:] == shape and batch["target"].dtype == dtype
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    train = dm.tables["train"]
+    if task == "subtype":
+        assert (train[list(SUBTYPES)].sum(axis=1) == 1).all(), "subtype keeps single-subtype positives only"
+        assert batch["target"].max() < len(SUBTYPES)
+    else:
+        assert train["any"].nunique() == 2, "binary and multilabel keep negative slices"
+
+
+def test_split_file_is_written_disjoint_by_patient_and_reused(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path)
+    split = pd.read_csv(tmp_path / "split.csv")
+    assert (split.groupby("patient")["split"].nunique() == 1).all()
+    assert set(split["split"]) == {"train", "val", "test"}
+    again = make_datamodule(cache_dir, tmp_path / "again", split_file=str(tmp_path / "split.csv"), seed=99)
+    assert set(again.tables["test"]["image_id"]) == set(dm.tables["test"]["image_id"])
+
+
+def test_context_stacks_neighbouring_slices_as_channels(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path, context=1, windows=["brain", "subdural", "bone"])
+    assert dm.num_channels == 9
+    dataset = dm.datasets["val"]
+    table = dm.tables["val"]
+    row = int(np.flatnonzero((table["slice_index"] > 0) & (table["slice_index"] < table["series_length"] - 1))[0])
+    series = table.iloc[row]["series"]
+    stack = dataset.stacks[row]
+    # the middle of the stack is the slice itself, the others its neighbours along the normal
+    assert stack[1] == table.iloc[row]["path"]
+    index, _, _ = dm.build_index()
+    order = index[index["series"] == series].set_index("path")["slice_index"]
+    assert [order[p] for p in stack] == [order[stack[1]] - 1, order[stack[1]], order[stack[1]] + 1]
+    image = dataset[row]["image"]
+    assert image.shape == (9, 64, 64)
+    assert torch.equal(image[3:6], make_datamodule(cache_dir, tmp_path, windows=["brain", "subdural", "bone"]).datasets["val"][row]["image"])
+
+
+def test_one_window_is_repeated_to_three_channels(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path, windows=["brain"])
+    image = dm.datasets["val"][0]["image"]
+    assert image.shape[0] == 3 and torch.equal(image[0], image[2])
+
+
+def test_blank_slices_are_dropped_and_counted(cache_dir, tmp_path):
+    everything = make_datamodule(cache_dir, tmp_path)
+    filtered = make_datamodule(cache_dir, tmp_path, min_brain_fraction=0.2)
+    dropped = filtered.summary["skipped"]["little_brain"]
+    assert dropped > 0
+    assert sum(filtered.summary["slices"].values()) == sum(everything.summary["slices"].values()) - dropped
+
+
+def test_augmentation_touches_training_slices_only(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path, augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0, "brightness_contrast_p": 0.0})
+    assert torch.equal(dm.datasets["val"][0]["image"], dm.datasets["val"][0]["image"])
+    train = dm.datasets["train"]
+    plain = train.loader(train.stacks[0][0]).transpose(2, 0, 1)
+    assert np.allclose(train[0]["image"].numpy(), plain[:, :, ::-1])
+
+
+def test_class_weights_follow_the_training_split(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path, task="multilabel")
+    targets = dm.datasets["train"].targets
+    weights = np.array(dm.pos_weight())
+    positives = targets.sum(axis=0)
+    assert weights.shape == (6,)
+    assert np.allclose(weights[positives > 0], ((len(targets) - positives) / positives)[positives > 0])
+
+
+def test_images_source_reads_windowed_pngs_and_counts_missing_files(cache_dir, tmp_path):
+    import cv2
+
+    dm = make_datamodule(cache_dir, tmp_path, windows=["brain"])
+    rows = []
+    for i, row in dm.tables["train"].head(12).iterrows():
+        image = (dm.datasets["train"].loader(row["path"])[..., 0] * 255).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / f"{row['image_id']}.png"), image)
+        rows.append({"filename": f"{row['image_id']}.png", "patient": f"p{i % 6}", "any": row["any"]})
+    rows.append({"filename": "ghost.png", "patient": "p0", "any": 0})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    images = ICHDataModule(source="images", root=str(tmp_path), labels=str(tmp_path / "labels.csv"),
+                           cache_dir=str(cache_dir), image_size=32, num_workers=0, split=(0.5, 0.25, 0.25), seed=0)
+    images.setup()
+    assert images.summary["skipped"]["missing_file"] == 1
+    assert sum(images.summary["slices"].values()) == 12
+    assert images.datasets["train"][0]["image"].shape == (3, 32, 32)
+
+
+def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match="data=phantom, data=rsna or data=images"):
+        ICHDataModule(source="kaggle")
+    with pytest.raises(ValueError, match="needs data.root"):
+        ICHDataModule(source="rsna")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ICHDataModule(source="rsna", root=str(tmp_path / "nowhere"), cache_dir=str(tmp_path)).prepare_data()
