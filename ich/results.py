@@ -1,6 +1,7 @@
 """Writing and showing results: flat metrics as JSON and as a table on the console."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -9,9 +10,13 @@ from rich.table import Table
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file and a rename, so a killed run never leaves half a file."""
+    """Write through a temporary file and a rename, so a killed run never leaves half a file.
+
+    NaN (a metric undefined on this data, such as AUROC without positives) becomes null: valid JSON.
+    """
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in payload.items()}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -20,5 +25,6 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}")
+        shown = "undefined" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
+        table.add_row(name, shown)
     Console().print(table)

@@ -85,8 +85,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics[f"data/slices_{stage}"] = float(count)
     undefined = sorted(k for k, v in metrics.items() if math.isnan(v))
     if undefined:
-        log.warning("Undefined on this data (a class absent from the split), left out: %s", ", ".join(undefined))
-    metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        log.warning("Undefined on this data (a class absent from the split), written as null: %s", ", ".join(undefined))
     write_json(output_dir / "metrics.json", metrics)
     print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.backbone} -> {output_dir}")
     return metrics

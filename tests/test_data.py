@@ -192,7 +192,8 @@ def test_class_weights_follow_the_training_split(cache_dir, tmp_path):
     weights = np.array(dm.pos_weight())
     positives = targets.sum(axis=0)
     assert weights.shape == (6,)
-    assert np.allclose(weights[positives > 0], ((len(targets) - positives) / positives)[positives > 0])
+    seen = positives > 0
+    assert np.allclose(weights[seen], (len(targets) - positives[seen]) / positives[seen])
 
 
 def test_images_source_reads_windowed_pngs_and_counts_missing_files(cache_dir, tmp_path):

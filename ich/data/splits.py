@@ -21,7 +21,7 @@ def split_by_patient(index: pd.DataFrame, fractions: tuple[float, float, float],
     for _, patients in positive.groupby(positive):
         names = patients.index.to_numpy(copy=True)
         rng.shuffle(names)
-        bounds = np.round(np.cumsum(fractions) * len(names)).astype(int)
+        bounds = np.cumsum(_allocate(len(names), fractions))
         for stage, part in zip(STAGES, np.split(names, bounds[:2])):
             stage_of.update(dict.fromkeys(part, stage))
     stages = index["patient"].map(stage_of)
@@ -33,6 +33,21 @@ def split_by_patient(index: pd.DataFrame, fractions: tuple[float, float, float],
                 "use more patients or larger fractions."
             )
     return stages
+
+
+def _allocate(n: int, fractions: tuple[float, ...]) -> np.ndarray:
+    """Patients per stage: proportional, largest remainders first, and at least one per wanted stage
+    when there are enough, so a small dataset still puts both classes into validation and test."""
+    wanted = np.array(fractions) > 0
+    counts = np.floor(np.array(fractions) * n).astype(int)
+    if n >= wanted.sum():
+        counts[wanted & (counts == 0)] = 1
+    while counts.sum() > n:
+        counts[np.argmax(counts)] -= 1
+    remainders = np.array(fractions) * n - counts
+    for stage in np.argsort(-remainders, kind="stable")[: n - counts.sum()]:
+        counts[stage] += 1
+    return counts
 
 
 def undersample(table: pd.DataFrame, classes: np.ndarray, ratio: float, seed: int) -> pd.DataFrame:
