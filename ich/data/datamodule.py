@@ -230,7 +230,8 @@ class ICHDataModule(pl.LightningDataModule):
     # -- what the model needs to know -----------------------------------------------------------
     @property
     def num_channels(self) -> int:
-        return next(iter(self.datasets.values())).channels
+        # the first stage that has slices: under external validation train and val are empty
+        return next(ds.channels for ds in self.datasets.values() if len(ds))
 
     @property
     def label_names(self) -> tuple[str, ...]:

@@ -1,0 +1,282 @@
+"""Evaluate one trained checkpoint: `run(cfg)` is what `python evaluate.py ckpt_path=PATH` calls.
+
+By default the checkpoint is tested on its own training run's test patients, read through the run's
+data config and split.csv. Other data can be chosen (`data=rsna data.root=DIR`): the input is still
+shaped as in training, and a dataset other than training's is used whole as an external test set.
+Everything goes to the evaluation's own folder; the training run is only read.
+"""
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ich.data.datamodule import ICHDataModule
+from ich.metrics import build_metrics
+from ich.module import ICHLitModule
+from ich.plots import confusion_counts, save_confusion_matrices, save_roc_curves
+from ich.results import print_metrics, write_json
+from ich.tasks import LABELS, Task
+
+log = logging.getLogger(__name__)
+
+# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
+PREPROCESSING = ("windows", "context", "image_size")
+# Data keys that say which slices these are: when one differs from training's, it is another dataset.
+IDENTITY = ("source", "root", "image_dir", "labels", "phantom")
+# Kaggle scores log loss: a probability of exactly 0 or 1 on a wrong answer would cost infinity.
+SUBMISSION_CLIP = 1e-6
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, float]:
+    """Test the checkpoint `cfg.ckpt_path`; returns the flat metrics also written to metrics.json.
+
+    `overrides` are the command-line overrides (`data.image_size=128`, ...); by default Hydra's own,
+    and none when the config was composed outside a Hydra app (tests, notebooks).
+    """
+    if overrides is None:
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
+    checkpoint = checkpoint_path(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    task = model.task
+    test_dir = submission_folder(cfg, task)
+    run_dir = training_run_dir(checkpoint)
+    data = data_config(cfg, training_data(run_dir), command_line_keys(overrides), run_dir)
+    datamodule = ICHDataModule(task=task.name, output_dir=str(output_dir), **data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    if not len(datamodule.datasets["test"]):
+        raise ValueError(f"The test split holds no slices for task={task.name}: evaluate on more data (data.root=DIR).")
+    check_channels(model.hparams.in_chans, datamodule.num_channels, data)
+    if data["split_file"] is None:
+        warn_if_seen_in_training(datamodule.tables["test"]["image_id"], run_dir / "split.csv")
+
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(output_dir),
+    )
+    ids, probs, targets = predict(trainer, model, datamodule.predict_dataloader())
+
+    metrics = compute_metrics(task, float(model.hparams.threshold), probs, targets)
+    metrics["data/slices_test"] = float(len(ids))
+    write_json(output_dir / "metrics.json", metrics)
+    patients = datamodule.tables["test"].set_index("image_id")["patient"]
+    predictions_table(task, ids, patients, probs, targets).to_csv(output_dir / "predictions.csv", index=False)
+    save_figures(output_dir, task, float(model.hparams.threshold), probs, targets)
+
+    if test_dir is not None:
+        write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)
+    print_metrics(metrics, title=f"{task.name} / {model.hparams.backbone} on {len(ids)} test slices -> {output_dir}")
+    return metrics
+
+
+# --- which checkpoint, which data ---------------------------------------------------------------------
+
+
+def checkpoint_path(cfg: DictConfig) -> Path:
+    example = "e.g. ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ValueError(f"Evaluation needs a checkpoint: pass ckpt_path=PATH to a .ckpt of train.py, {example}.")
+    path = Path(cfg.ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={cfg.ckpt_path} does not exist: pass a .ckpt written by train.py, {example}."
+        )
+    return path
+
+
+def submission_folder(cfg: DictConfig, task: Task) -> Path | None:
+    """Check `test_dir` before any work is done: only a six-label checkpoint can fill a Kaggle submission."""
+    if not cfg.get("test_dir"):
+        return None
+    if task.outputs != LABELS:
+        raise ValueError(
+            f"test_dir writes an RSNA submission, which needs all six labels: train with task=multilabel "
+            f"(this checkpoint is task={task.name})."
+        )
+    test_dir = Path(cfg.test_dir).expanduser()
+    if not test_dir.is_dir():
+        raise FileNotFoundError(
+            f"test_dir={cfg.test_dir} does not exist: point it at a folder of DICOMs (Kaggle stage_2_test/)."
+        )
+    return test_dir
+
+
+def training_run_dir(checkpoint: Path) -> Path:
+    """train.py keeps checkpoints in <run>/checkpoints/; a checkpoint copied elsewhere is its own run folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def training_data(run_dir: Path) -> dict | None:
+    """The resolved `data` config the checkpoint was trained with, or None when the run folder lacks it."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path).data, resolve=True)
+
+
+def command_line_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys set on the command line: `+data.context=1` -> `data.context`."""
+    return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+
+
+def data_config(cfg: DictConfig, trained: dict | None, given: set[str], run_dir: Path) -> dict:
+    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
+    chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    if "source" in chosen:  # a data group was chosen on the command line
+        data = chosen
+        if trained is not None:
+            data.update({key: trained[key] for key in PREPROCESSING if f"data.{key}" not in given})
+    elif trained is None:
+        raise FileNotFoundError(
+            f"{run_dir / '.hydra' / 'config.yaml'} not found, so the training data is unknown: choose the data with "
+            "data=phantom|rsna|images and give the data.windows, data.context and data.image_size it was trained with."
+        )
+    else:  # the training run's data, with any +data.* tweaks on top
+        data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
+
+    changed = [key for key in IDENTITY if trained is None or data.get(key) != trained.get(key)]
+    if "data.split_file" in given:
+        log.info("Testing on the test split of %s", data["split_file"])
+    elif changed:
+        log.info(
+            "External validation: data.%s differs from the training run's, so all %s slices are test slices.",
+            "/".join(changed),
+            data["source"],
+        )
+        data.update(split=[0.0, 0.0, 1.0], split_file=None)
+    elif (run_dir / "split.csv").is_file():
+        data["split_file"] = str(run_dir / "split.csv")
+        log.info("Testing on the training run's test patients from %s", data["split_file"])
+    else:
+        log.info("No split.csv in %s: the training config's split and seed give the same test patients again", run_dir)
+    for key in ("batch_size", "num_workers"):
+        if cfg.get(key) is not None:
+            data[key] = cfg[key]
+    return data
+
+
+def check_channels(expected: int, found: int, data: dict) -> None:
+    if expected != found:
+        raise ValueError(
+            f"The checkpoint takes {expected} input channels but data.windows={data['windows']} with "
+            f"data.context={data['context']} gives {found}: set data.windows and data.context as in training."
+        )
+
+
+def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:
+    """External data that shares slices with training's train/val patients flatters the model: say so."""
+    if not split_csv.is_file():
+        return
+    split = pd.read_csv(split_csv, dtype=str)
+    seen = image_ids.isin(split.loc[split["split"] != "test", "image_id"])
+    if seen.any():
+        log.warning(
+            "%d of the %d test slices were train/val slices of the training run, so these metrics are optimistic; "
+            "if this is the training data at another path, pass data.split_file=%s to test its test patients only.",
+            int(seen.sum()), len(image_ids), split_csv,
+        )
+
+
+# --- predictions and what is made of them ---------------------------------------------------------
+
+
+def predict(
+    trainer: pl.Trainer, model: ICHLitModule, loader: DataLoader
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Image ids, probabilities [N, K] and targets of every slice the loader could read."""
+    batches = trainer.predict(model, dataloaders=loader)
+    ids = [image_id for batch in batches for image_id in batch["image_id"]]
+    probs = torch.cat([batch["probs"] for batch in batches]).float().cpu()
+    targets = torch.cat([batch["target"] for batch in batches]).cpu()
+    return ids, probs, targets
+
+
+def compute_metrics(task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The training test stage's collection on all predictions at once, so the names match (`test/auroc`, ...)."""
+    collection = build_metrics(task, threshold, prefix="test/")
+    collection.update(probs, targets.long())
+    metrics = {name: float(value) for name, value in sorted(collection.compute().items())}
+    undefined = [name for name, value in metrics.items() if math.isnan(value)]
+    if undefined:
+        log.warning("Undefined on these slices (a class absent), written as null: %s", ", ".join(undefined))
+    return metrics
+
+
+def predictions_table(
+    task: Task, ids: list[str], patients: pd.Series, probs: torch.Tensor, targets: torch.Tensor
+) -> pd.DataFrame:
+    """One row per slice: image_id, patient, the truth, then `prob_<output>` per output.
+
+    The truth is `target_<label>` (0/1) per output for sigmoid tasks, and for subtype one `target`
+    column holding the subtype's name, so the file reads without the class order at hand.
+    """
+    table = pd.DataFrame({"image_id": ids})
+    table["patient"] = table["image_id"].map(patients)
+    truth = targets.numpy()
+    if task.loss == "ce":
+        table["target"] = [task.outputs[k] for k in truth]
+    else:
+        for k, name in enumerate(task.outputs):
+            table[f"target_{name}"] = truth[:, k].astype(np.int64)
+    for k, name in enumerate(task.outputs):
+        table[f"prob_{name}"] = probs[:, k].numpy()
+    return table
+
+
+def save_figures(output_dir: Path, task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> None:
+    """confusion_matrix.png (one matrix per sigmoid output, or one over the subtypes) and roc.png."""
+    scores = probs.numpy()
+    if task.loss == "ce":
+        truth = targets.numpy()
+        counts = confusion_counts(truth, scores.argmax(axis=1), task.num_outputs)
+        panels = [("subtype (highest probability)", counts, task.outputs)]
+        one_vs_rest = np.eye(task.num_outputs, dtype=np.int64)[truth]
+    else:
+        one_vs_rest = targets.numpy().astype(np.int64)
+        predicted = scores > threshold  # as torchmetrics thresholds
+        panels = [
+            (f"{name} (threshold {threshold:g})", confusion_counts(truth, predicted[:, k], 2), ("no", "yes"))
+            for k, (name, truth) in enumerate(zip(task.outputs, one_vs_rest.T))
+        ]
+    save_confusion_matrices(output_dir / "confusion_matrix.png", panels)
+    save_roc_curves(output_dir / "roc.png", one_vs_rest, scores, task.outputs)
+
+
+def write_submission(
+    path: Path, trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule, test_dir: Path
+) -> None:
+    """Kaggle's `ID,Label` rows, six per image (`ID_<hex>_<label>`), for the unlabelled DICOMs of `test_dir`."""
+    ids, probs, _ = predict(trainer, model, datamodule.folder_dataloader(test_dir))
+    rows = submission_rows(ids, probs)
+    rows.to_csv(path, index=False, float_format="%.6g")
+    missing = sorted({file.stem for file in test_dir.rglob("*.dcm")} - set(ids))
+    if missing:
+        log.warning(
+            "%d DICOMs of %s could not be read and have no rows in %s (Kaggle rejects a submission without them): %s",
+            len(missing), test_dir, path.name, ", ".join(missing[:10]),
+        )
+    log.info("Wrote %d rows for %d images to %s", len(rows), len(ids), path)
+
+
+def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
+    """Six `ID,Label` rows per image in LABELS order, probabilities clipped away from 0 and 1."""
+    clipped = probs.double().clamp(SUBMISSION_CLIP, 1 - SUBMISSION_CLIP).numpy()
+    names = [f"{image_id}_{label}" for image_id in ids for label in LABELS]
+    return pd.DataFrame({"ID": names, "Label": clipped.reshape(-1)})

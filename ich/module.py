@@ -1,0 +1,307 @@
+"""One LightningModule for the three tasks: a timm backbone, a small head, and the loss the task table names.
+
+It takes plain values only and saves them, so `ICHLitModule.load_from_checkpoint(path)` rebuilds the
+model with nothing else at hand: no config, no network, no weights file.
+"""
+
+import inspect
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics import MaxMetric
+
+from ich.metrics import build_metrics
+from ich.models import build_head, create_backbone
+from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
+
+log = logging.getLogger(__name__)
+
+FREEZE_MODES = ("none", "backbone", "backbone_except_bn")
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+STAGES = ("train", "val", "test")
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+# Keys of a scheduler config that tell Lightning when to step it; the other keys build the scheduler.
+SCHEDULER_STEPPING_KEYS = ("interval", "frequency", "monitor")
+
+
+class ICHLitModule(pl.LightningModule):
+    """Classify CT slices for `task` (binary, subtype or multilabel; see ich.tasks) with any timm backbone.
+
+    Args:
+        task: a name in ich.tasks.TASKS; sets the outputs, the loss and the metrics.
+        backbone: a timm model name; in_chans: number of image channels.
+        pretrained: ImageNet weights from the hub (or its local cache); weights: a local weights file instead.
+        init_from: a checkpoint of ours to start from (backbone always, head when its shape fits the task).
+        head: build_head arguments {hidden, dropout, batchnorm}; None gives a plain linear classifier.
+        freeze: none | backbone | backbone_except_bn; unfreeze_at_epoch: train everything from that epoch.
+        optimizer, scheduler: Hydra `_target_` dicts, built as partials in configure_optimizers.
+        pos_weight: BCE positive weight per output; class_weights: CE weight per subtype.
+        rsna_weights: weight the multilabel loss 2 on `any`, 1 on subtypes, like the challenge metric.
+        threshold: probability cut-off of the thresholded metrics.
+        channels_last, compile: speed options for GPUs.
+    """
+
+    def __init__(
+        self,
+        task: str = "binary",
+        backbone: str = "resnet18",
+        in_chans: int = 3,
+        pretrained: bool = False,
+        weights: str | None = None,
+        init_from: str | None = None,
+        head: dict | None = None,
+        freeze: str = "none",
+        unfreeze_at_epoch: int | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        pos_weight: list[float] | None = None,
+        class_weights: list[float] | None = None,
+        rsna_weights: bool = False,
+        threshold: float = 0.5,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = get_task(task)
+        self._freeze = "none"
+        self.backbone = create_backbone(backbone, in_chans, pretrained, weights)
+        self.head = build_head(self.backbone.num_features, self.task.num_outputs, **(head or {}))
+        if init_from is not None:
+            self._init_from(Path(init_from))
+        self.criterion = build_loss(self.task, pos_weight, class_weights, rsna_weights)
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", build_metrics(self.task, threshold, prefix=f"{stage}/"))
+        self.val_auroc_best = MaxMetric(nan_strategy="ignore")
+        self.set_freeze(freeze)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.compile()  # in place: state-dict keys stay those of the plain backbone
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_outputs]."""
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(image))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the outputs for a cross-entropy task, an independent sigmoid per output otherwise."""
+        return logits.softmax(dim=-1) if self.task.loss == "ce" else logits.sigmoid()
+
+    # --- freezing -------------------------------------------------------------------------------------
+
+    def set_freeze(self, mode: str) -> None:
+        """Choose which backbone parameters train; the head always trains."""
+        if mode not in FREEZE_MODES:
+            raise ValueError(f"Unknown model.freeze={mode}: choose one of {', '.join(FREEZE_MODES)}.")
+        self.backbone.requires_grad_(mode == "none")
+        if mode == "backbone_except_bn":
+            for module in self.backbone.modules():
+                if isinstance(module, BATCHNORMS):
+                    module.requires_grad_(True)
+        self._freeze = mode
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        log.info("Trainable parameters: %s of %s (freeze=%s)", f"{trainable:,}", f"{total:,}", mode)
+
+    def train(self, mode: bool = True) -> "ICHLitModule":
+        """A fully frozen backbone stays in eval mode, so its BatchNorm statistics cannot drift either."""
+        super().train(mode)
+        if self._freeze == "backbone":
+            self.backbone.eval()
+        return self
+
+    def on_train_start(self) -> None:
+        # Applied here rather than at construction: Lightning warns about modules in eval mode just before.
+        self.train()
+        self.val_auroc_best.reset()  # forget the sanity check
+
+    def on_train_epoch_start(self) -> None:
+        """Head first, then everything (fastai style): unfreeze at `unfreeze_at_epoch`, also after a resume."""
+        start = self.hparams.unfreeze_at_epoch
+        if start is not None and self.current_epoch >= start and self._freeze != "none":
+            self.set_freeze("none")
+            self.train()
+
+    # --- steps ----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Per-image probabilities [B, K] with their ids (and targets when the data has them)."""
+        probs = self.probabilities(self(batch["image"]).float())
+        return {"image_id": batch["image_id"], "probs": probs, "target": batch.get("target")}
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        target = batch["target"]
+        loss = self.criterion(logits, target)
+        metrics = getattr(self, f"{stage}_metrics")
+        # float32 before the activation: bf16 probabilities would tie and blur AUROC
+        metrics.update(self.probabilities(logits.detach().float()), target.long())
+        # Under DDP the epoch mean must cover every rank's batches; per training step a rank's own loss will do.
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=stage != "train")
+        return loss
+
+    # --- epoch ends: metrics --------------------------------------------------------------------------
+    # Lightning cannot log a ClasswiseWrapper object (its compute returns a dict), so each collection is
+    # computed, logged and reset here, once per epoch.
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_metrics("val")
+        self.val_auroc_best(values["val/auroc"])
+        self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        metrics.reset()
+        # torchmetrics already gathered every rank; sync_dist spares the per-key DDP advice, at negligible cost
+        self.log_dict(values, sync_dist=True)
+        return values
+
+    # --- optimisation ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer, over all parameters so that unfreezing needs no new one, and the scheduler.
+
+        Frozen parameters get no gradient, which every torch optimizer skips.
+        """
+        optimizer = _partial(self.hparams.optimizer or DEFAULT_OPTIMIZER)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        config = dict(self.hparams.scheduler)
+        stepping = {key: config.pop(key) for key in SCHEDULER_STEPPING_KEYS if key in config}
+        stepping.setdefault("interval", "epoch")
+        factory = _partial(config)
+        scheduler = factory(optimizer, **self._schedule_defaults(factory, stepping["interval"], optimizer))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **stepping}}
+
+    def _schedule_defaults(self, factory: partial, interval: str, optimizer: torch.optim.Optimizer) -> dict:
+        """Fill what the scheduler config leaves null: the schedule spans the whole run, in its interval's units
+        (OneCycleLR total_steps, CosineAnnealingLR T_max), and OneCycleLR peaks at the optimizer's lr."""
+        accepted = inspect.signature(factory.func).parameters
+        given = {key: value for key, value in factory.keywords.items() if value is not None}
+        defaults: dict[str, Any] = {}
+        if "total_steps" in accepted and "total_steps" not in given and "epochs" not in given:
+            defaults["total_steps"] = self._run_length(interval)
+        if "T_max" in accepted and "T_max" not in given:
+            defaults["T_max"] = self._run_length(interval)
+        if "max_lr" in accepted and "max_lr" not in given:
+            defaults["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+        return defaults
+
+    def _run_length(self, interval: str) -> int:
+        if interval == "step":
+            return int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError(
+                "An epoch-wise scheduler needs trainer.max_epochs to know its length: set it, "
+                "or set the schedule length in the scheduler config (T_max or total_steps)."
+            )
+        return epochs
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the arguments that rebuild this model anywhere: the state dict carries the weights, so
+        load_from_checkpoint must not fetch the hub or read a weights file or checkpoint again (they may be
+        gone, the machine offline), nor compile for the training GPU. The running module keeps its own."""
+        checkpoint["hyper_parameters"] = {
+            **checkpoint["hyper_parameters"],
+            "pretrained": False,
+            "weights": None,
+            "init_from": None,
+            "compile": False,
+        }
+
+    def _init_from(self, path: Path) -> None:
+        """Start from one of our checkpoints: its backbone always, its head only when the shapes fit the task."""
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.init_from={path} does not exist: pass a .ckpt file written by ich training."
+            )
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if "state_dict" not in state:
+            raise ValueError(
+                f"model.init_from={path} is not a Lightning checkpoint: pass a .ckpt file written by ich training."
+            )
+        backbone_state = _strip_prefix(state["state_dict"], "backbone.")
+        try:
+            self.backbone.load_state_dict(backbone_state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"model.init_from={path} holds another backbone than {self.hparams.backbone} "
+                f"with {self.hparams.in_chans} channels: set model.backbone and data channels as in that run."
+            ) from err
+        head_state = _strip_prefix(state["state_dict"], "head.")
+        own = self.head.state_dict()
+        if head_state.keys() == own.keys() and all(head_state[k].shape == own[k].shape for k in own):
+            self.head.load_state_dict(head_state)
+            log.info("Initialised backbone and head from %s", path)
+        else:
+            log.info("Initialised the backbone from %s; its head does not fit task %s: new head", path, self.task.name)
+
+
+def build_loss(
+    task: Task, pos_weight: list[float] | None, class_weights: list[float] | None, rsna_weights: bool
+) -> nn.Module:
+    """The task's loss; its weights are buffers, so they move with the module to the GPU and into checkpoints."""
+    if task.loss == "ce":
+        if pos_weight is not None or rsna_weights:
+            raise ValueError(
+                f"pos_weight and rsna_weights apply to sigmoid tasks, not task={task.name}: use class_weights."
+            )
+        return nn.CrossEntropyLoss(weight=_per_output(class_weights, task, "class_weights"))
+    if class_weights is not None:
+        raise ValueError(f"class_weights apply to task=subtype, not task={task.name}: use pos_weight.")
+    weight = None
+    if rsna_weights:
+        if task.outputs != LABELS:
+            raise ValueError(
+                f"rsna_weights=true needs the six RSNA labels, not task={task.name}: set task=multilabel."
+            )
+        # scaled to mean 1 so the mean over outputs equals the challenge's normalisation by the sum of weights
+        weight = torch.tensor(RSNA_LABEL_WEIGHTS) * len(RSNA_LABEL_WEIGHTS) / sum(RSNA_LABEL_WEIGHTS)
+    return nn.BCEWithLogitsLoss(weight=weight, pos_weight=_per_output(pos_weight, task, "pos_weight"))
+
+
+def _per_output(values: list[float] | None, task: Task, option: str) -> torch.Tensor | None:
+    if values is None:
+        return None
+    if len(values) != task.num_outputs:
+        raise ValueError(
+            f"{option} has {len(values)} values but task={task.name} has {task.num_outputs} outputs "
+            f"({', '.join(task.outputs)}): give one per output."
+        )
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _partial(config: dict) -> partial:
+    """A Hydra `_target_` dict as a factory; plain containers, so the optimizer state pickles as plain data."""
+    return instantiate(config, _partial_=True, _convert_="all")
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}

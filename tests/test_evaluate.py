@@ -1,0 +1,225 @@
+"""Evaluation of real checkpoints, trained once per module on phantom DICOMs with the real conf/."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FAST_RUN, compose_config
+from ich import CONFIG_DIR
+from ich.data.phantom import generate
+from ich.evaluate import data_config, run, submission_rows
+from ich.tasks import LABELS, SUBTYPES
+from ich.train import run as train
+
+ROOT = CONFIG_DIR.parent
+FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+
+
+def train_run(path, cache_dir, *overrides):
+    """A training run folder as `python train.py` leaves it: .hydra/config.yaml, split.csv, checkpoints/."""
+    cfg = compose_config("train", [*FAST_RUN, f"output_dir={path}", f"data.cache_dir={cache_dir}", *overrides])
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, path / ".hydra" / "config.yaml", resolve=True)  # Hydra's job, which compose skips
+    return train(cfg)
+
+
+def evaluate(checkpoint, output_dir, *overrides):
+    """Evaluate as `python evaluate.py ckpt_path=... <overrides>` would, with the overrides passed explicitly."""
+    overrides = [f"ckpt_path={checkpoint}", *overrides]
+    cfg = compose_config("evaluate", [*overrides, f"output_dir={output_dir}"])
+    return run(cfg, overrides)
+
+
+@pytest.fixture(scope="module")
+def multilabel(cache_dir, tmp_path_factory):
+    """The best checkpoint of a multilabel run (the one its test stage used) and the run's metrics."""
+    path = tmp_path_factory.mktemp("train-multilabel")
+    metrics = train_run(path, cache_dir, "task=multilabel")
+    return next((path / "checkpoints").glob("epoch*.ckpt")), metrics
+
+
+@pytest.fixture(scope="module")
+def test_folder(tmp_path_factory):
+    """Unlabelled DICOMs standing in for Kaggle's stage_2_test/."""
+    root = tmp_path_factory.mktemp("kaggle")
+    generate(root, patients=2, slices=3, size=64, seed=7, quirks=False)
+    return root / "stage_2_train"
+
+
+@pytest.fixture(scope="module")
+def evaluation(multilabel, test_folder, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("evaluate")
+    return output_dir, evaluate(multilabel[0], output_dir, f"test_dir={test_folder}")
+
+
+def test_writes_every_result_file(evaluation):
+    output_dir, metrics = evaluation
+    for name in FILES:
+        assert (output_dir / name).stat().st_size > 0, name
+    written = json.loads((output_dir / "metrics.json").read_text())
+    assert written == pytest.approx({name: None if np.isnan(value) else value for name, value in metrics.items()})
+
+
+def test_tests_the_training_runs_test_patients(multilabel, evaluation):
+    checkpoint, _ = multilabel
+    split = pd.read_csv(checkpoint.parent.parent / "split.csv")
+    test = split[split["split"] == "test"].set_index("image_id")
+    predictions = pd.read_csv(evaluation[0] / "predictions.csv")
+    assert sorted(predictions["image_id"]) == sorted(test.index)
+    assert (predictions["patient"] == test.loc[predictions["image_id"], "patient"].to_numpy()).all()
+    assert evaluation[1]["data/slices_test"] == len(test)
+
+
+def test_predictions_have_a_target_and_a_probability_per_label(evaluation):
+    predictions = pd.read_csv(evaluation[0] / "predictions.csv")
+    assert list(predictions.columns) == [
+        "image_id", "patient", *(f"target_{name}" for name in LABELS), *(f"prob_{name}" for name in LABELS)
+    ]
+    assert predictions[[f"target_{name}" for name in LABELS]].isin([0, 1]).all().all()
+    probs = predictions[[f"prob_{name}" for name in LABELS]].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_metrics_match_the_training_runs_test_stage(multilabel, evaluation):
+    """Same checkpoint, same slices, same metric objects: the same names and values as train.py's test stage."""
+    _, trained = multilabel
+    _, metrics = evaluation
+    tested = {name: value for name, value in trained.items() if name.startswith("test/") and name != "test/loss"}
+    assert {"test/auroc", "test/acc", "test/logloss", "test/sensitivity_epidural"} <= set(tested)
+    assert {name for name in metrics if name.startswith("test/")} == set(tested)
+    assert {name: metrics[name] for name in tested} == pytest.approx(tested, abs=1e-5, nan_ok=True)
+
+
+def test_figures_are_drawn(evaluation):
+    for name in ("confusion_matrix.png", "roc.png"):
+        image = matplotlib.image.imread(evaluation[0] / name)
+        assert image.shape[0] > 400 and image.shape[1] > 400, name
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+
+
+def test_submission_has_six_rows_per_test_image(evaluation, test_folder):
+    rows = pd.read_csv(evaluation[0] / "submission.csv")
+    assert list(rows.columns) == ["ID", "Label"]
+    images = sorted(path.stem for path in test_folder.glob("*.dcm"))
+    assert len(rows) == 6 * len(images)
+    assert sorted(rows["ID"]) == sorted(f"{image}_{label}" for image in images for label in LABELS)
+    assert rows["Label"].between(1e-6, 1 - 1e-6).all()
+
+
+def test_submission_probabilities_are_clipped_away_from_0_and_1():
+    rows = submission_rows(["ID_a"], torch.tensor([[0.0, 1.0, 0.5, 0.2, 1e-9, 1 - 1e-9]], dtype=torch.float64))
+    assert list(rows["ID"]) == [f"ID_a_{label}" for label in LABELS]
+    assert rows["Label"].tolist() == pytest.approx([1e-6, 1 - 1e-6, 0.5, 0.2, 1e-6, 1 - 1e-6], abs=1e-12)
+
+
+def test_other_data_is_used_whole_as_external_validation(multilabel, cache_dir, tmp_path, caplog):
+    """A phantom other than training's is used whole: every one of its slices is a test slice."""
+    overrides = ["data=phantom", f"data.cache_dir={cache_dir}", "data.phantom.patients=3", "data.phantom.slices=4",
+                 "data.phantom.size=64", "data.phantom.quirks=false", "data.num_workers=0"]
+    with caplog.at_level(logging.INFO, logger="ich.evaluate"):
+        metrics = evaluate(multilabel[0], tmp_path, *overrides)
+    assert metrics["data/slices_test"] == 3 * 4
+    assert "External validation" in caplog.text
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 3 * 4
+
+
+def test_external_data_that_holds_training_slices_is_flagged(multilabel, cache_dir, tmp_path, caplog):
+    """The training phantom under other settings: external by its config, yet it holds the training slices."""
+    data = [o for o in FAST_RUN if o.startswith("data.")] + [f"data.cache_dir={cache_dir}", "data.phantom.quirks=false"]
+    with caplog.at_level(logging.INFO, logger="ich.evaluate"):
+        evaluate(multilabel[0], tmp_path / "all", "data=phantom", *data)
+    assert "train/val slices of the training run, so these metrics are optimistic" in caplog.text
+    split_csv = multilabel[0].parent.parent / "split.csv"
+    evaluate(multilabel[0], tmp_path / "split", "data=phantom", *data, f"data.split_file={split_csv}")
+    split = pd.read_csv(split_csv)
+    tested = set(pd.read_csv(tmp_path / "split" / "predictions.csv")["image_id"])
+    assert tested and tested <= set(split.loc[split["split"] == "test", "image_id"])
+
+
+def test_chosen_data_keeps_trainings_preprocessing_unless_given(tmp_path):
+    cfg = compose_config("evaluate", ["ckpt_path=x", "data=phantom", "data.image_size=32", f"output_dir={tmp_path}"])
+    trained = {**OmegaConf.to_container(cfg.data, resolve=True), "windows": ["brain"], "context": 1, "image_size": 64}
+    data = data_config(cfg, trained, {"data.image_size"}, tmp_path)
+    assert data["windows"] == ["brain"] and data["context"] == 1  # as in training
+    assert data["image_size"] == 32  # given on the command line
+    assert data["split"] != [0.0, 0.0, 1.0]  # the training data itself: its test patients only
+
+
+def test_default_data_is_the_training_runs_with_tweaks_on_top(multilabel, tmp_path):
+    run_dir = multilabel[0].parent.parent
+    cfg = compose_config("evaluate", ["ckpt_path=x", "+data.image_size=32", "batch_size=2", f"output_dir={tmp_path}"])
+    trained = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=True)
+    data = data_config(cfg, trained, {"data.image_size", "batch_size"}, run_dir)
+    assert data == {**trained, "image_size": 32, "batch_size": 2, "split_file": str(run_dir / "split.csv")}
+
+
+@pytest.fixture(scope="module")
+def subtype(cache_dir, tmp_path_factory):
+    """A subtype checkpoint after one training batch: the softmax path, cheaply."""
+    path = tmp_path_factory.mktemp("train-subtype")
+    train_run(path, cache_dir, "task=subtype", "test=false", "+trainer.limit_train_batches=1",
+              "+trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0")
+    return path / "checkpoints" / "last.ckpt"
+
+
+def test_subtype_targets_are_subtype_names(subtype, tmp_path):
+    evaluate(subtype, tmp_path)
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(predictions.columns) == ["image_id", "patient", "target", *(f"prob_{name}" for name in SUBTYPES)]
+    assert len(predictions) > 0 and predictions["target"].isin(SUBTYPES).all()
+    assert predictions[[f"prob_{name}" for name in SUBTYPES]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "confusion_matrix.png").is_file() and (tmp_path / "roc.png").is_file()
+
+
+def test_channels_other_than_the_checkpoints_name_the_setting(multilabel, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match="set data.windows and data.context as in training"):
+        evaluate(multilabel[0], tmp_path, "data=phantom", f"data.cache_dir={cache_dir}", "data.context=1",
+                 *(o for o in FAST_RUN if o.startswith("data.")))
+
+
+@pytest.fixture(scope="module")
+def binary(cache_dir, tmp_path_factory):
+    """A binary checkpoint after one training batch: enough to check the binary path, cheaply."""
+    path = tmp_path_factory.mktemp("train-binary")
+    train_run(path, cache_dir, "task=binary", "test=false", "+trainer.limit_train_batches=1",
+              "+trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0")
+    return path / "checkpoints" / "last.ckpt"
+
+
+def test_binary_checkpoint_reports_the_any_label(binary, tmp_path):
+    metrics = evaluate(binary, tmp_path)
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(predictions.columns) == ["image_id", "patient", "target_any", "prob_any"]
+    assert {"test/acc", "test/sensitivity", "test/specificity"} <= set(metrics)
+    assert not any(name.endswith("_any") for name in metrics)  # one output: no per-class copies
+    assert all((tmp_path / name).is_file() for name in FILES)
+
+
+def test_test_dir_needs_a_multilabel_checkpoint(binary, tmp_path, test_folder):
+    with pytest.raises(ValueError, match="needs all six labels: train with task=multilabel"):
+        evaluate(binary, tmp_path, f"test_dir={test_folder}")
+
+
+def test_nonexistent_checkpoint_gives_one_sentence(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=/no/such.ckpt does not exist: pass a .ckpt written"):
+        evaluate("/no/such.ckpt", tmp_path)
+
+
+@pytest.mark.slow
+def test_command_without_checkpoint_gives_one_sentence_not_a_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, "evaluate.py", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Evaluation needs a checkpoint: pass ckpt_path=PATH" in result.stderr
+    assert "Traceback" not in result.stderr
