@@ -83,7 +83,8 @@ def run_cli(*args, cwd=ROOT):
     ],
 )
 def test_wrong_option_gives_one_sentence_not_a_traceback(tmp_path, overrides, message):
-    result = run_cli("train.py", *FAST_RUN, f"hydra.run.dir={tmp_path}", *overrides)
+    fast = [o for o in FAST_RUN if not o.startswith("data.phantom")]  # keys of data=phantom only
+    result = run_cli("train.py", *fast, f"hydra.run.dir={tmp_path}", *overrides)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
