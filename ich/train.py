@@ -2,12 +2,14 @@
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from ich.data.datamodule import ICHDataModule
 from ich.module import ICHLitModule
@@ -46,7 +48,19 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
 
 
+def _wandb_offline_without_key(cfg: DictConfig) -> None:
+    """W&B must never block a run on a login prompt: with no API key anywhere, log offline (`wandb sync` later)."""
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text():
+        return
+    if os.environ.setdefault("WANDB_MODE", "offline") == "offline":
+        log.info("No W&B API key found: logging offline under %s/wandb (upload later with `wandb sync`)", cfg.output_dir)
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    _wandb_offline_without_key(cfg)
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("channels_last", None)  # a model setting that lives with the hardware choice
     return pl.Trainer(
@@ -87,6 +101,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if undefined:
         log.warning("Undefined on this data (a class absent from the split), written as null: %s", ", ".join(undefined))
     write_json(output_dir / "metrics.json", metrics)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # else only the first job of a multirun logs
     print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.backbone} -> {output_dir}")
     return metrics
 
