@@ -162,13 +162,17 @@ def test_default_data_is_the_training_runs_with_tweaks_on_top(multilabel, tmp_pa
     assert data == {**trained, "image_size": 32, "batch_size": 2, "split_file": str(run_dir / "split.csv")}
 
 
-@pytest.fixture(scope="module")
-def subtype(cache_dir, tmp_path_factory):
-    """A subtype checkpoint after one training batch: the softmax path, cheaply."""
-    path = tmp_path_factory.mktemp("train-subtype")
-    train_run(path, cache_dir, "task=subtype", "test=false", "+trainer.limit_train_batches=1",
+def one_batch_checkpoint(cache_dir, tmp_path_factory, task: str):
+    """A checkpoint after one training batch: enough to check a task's evaluation path, cheaply."""
+    path = tmp_path_factory.mktemp(f"train-{task}")
+    train_run(path, cache_dir, f"task={task}", "test=false", "+trainer.limit_train_batches=1",
               "+trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0")
     return path / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def subtype(cache_dir, tmp_path_factory):
+    return one_batch_checkpoint(cache_dir, tmp_path_factory, "subtype")
 
 
 def test_subtype_targets_are_subtype_names(subtype, tmp_path):
@@ -188,11 +192,7 @@ def test_channels_other_than_the_checkpoints_name_the_setting(multilabel, cache_
 
 @pytest.fixture(scope="module")
 def binary(cache_dir, tmp_path_factory):
-    """A binary checkpoint after one training batch: enough to check the binary path, cheaply."""
-    path = tmp_path_factory.mktemp("train-binary")
-    train_run(path, cache_dir, "task=binary", "test=false", "+trainer.limit_train_batches=1",
-              "+trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0")
-    return path / "checkpoints" / "last.ckpt"
+    return one_batch_checkpoint(cache_dir, tmp_path_factory, "binary")
 
 
 def test_binary_checkpoint_reports_the_any_label(binary, tmp_path):
