@@ -1,23 +1,33 @@
-# ich on a GPU host: docker build -t ich . && docker run --gpus all -v $PWD/data:/data -v $PWD/outputs:/app/outputs ich data=rsna data.root=/data
-# PyPI's torch wheels for Linux carry their CUDA runtime, so a slim Python base is enough;
-# the host needs only the NVIDIA driver and the container toolkit.
-FROM python:3.11-slim
+# ich on a GPU host (the NVIDIA driver and container toolkit on the host):
+#   docker build -t ich .
+#   docker run --gpus all --shm-size=8g -v /path/to/rsna:/data -v $PWD/outputs:/outputs ich \
+#       experiment=rsna_strong data=rsna data.root=/data
+# Runs land in /outputs/<date>/<time> and sweeps in /outputs/multirun/<date>/<time>; the phantom,
+# the header index and the slice cache in /cache (a volume too, so they are built once).
+#
+# The base image already holds CUDA, cuDNN and the torch/torchvision pair that pyproject.toml pins; the
+# constraints file built from it makes pip keep that pair (and fail loudly on a mismatch) rather than
+# download a second torch. Moving to another torch means changing this tag and the pins together.
+# The install is editable because the config groups (conf/) live beside the package, in /app.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NO_ALBUMENTATIONS_UPDATE=1 \
     ICH_CACHE_DIR=/cache
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ich ./ich
 COPY conf ./conf
-COPY train.py evaluate.py ./
-RUN pip install -e .
+COPY train.py evaluate.py extract.py fit_classical.py ./
+RUN pip freeze | grep -iE '^(torch|torchvision)==' > /tmp/base-torch.txt \
+    && pip install --constraint /tmp/base-torch.txt --editable . \
+    && python -c "import ich.train"
 
-VOLUME ["/data", "/app/outputs", "/cache"]
-ENTRYPOINT ["python", "train.py"]
+VOLUME ["/data", "/outputs", "/cache"]
+ENTRYPOINT ["python", "/app/train.py", "hydra.run.dir=/outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.sweep.dir=/outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"]

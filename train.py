@@ -10,10 +10,10 @@ from ich.cli import friendly_errors
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> float | None:
-    from ich.train import run
+    """Returns `optimized_metric` for sweepers; see ich.train.objective."""
+    from ich.train import objective
 
-    metrics = run(cfg)
-    return metrics.get(cfg.get("optimized_metric") or "val/auroc_best")
+    return objective(cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import pickle
 import sys
 
 from ich.data.dicom import DicomReadError
@@ -18,6 +19,12 @@ def friendly_errors(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except pickle.UnpicklingError as err:
+            # torch.load(weights_only=True) met pickled Python objects: loading them could run any code
+            raise SystemExit(
+                "Error: refused to load a checkpoint or weights file that holds pickled Python objects, which "
+                "could run code; only files of plain tensors and values load (as ich writes them)."
+            ) from err
         except USER_ERRORS as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

@@ -24,6 +24,7 @@ from ich.metrics import build_metrics
 from ich.module import ICHLitModule
 from ich.plots import confusion_counts, save_confusion_matrices, save_roc_curves
 from ich.results import print_metrics, write_json
+from ich.runs import training_run_dir
 from ich.tasks import LABELS, Task
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     task = model.task
     test_dir = submission_folder(cfg, task)
     run_dir = training_run_dir(checkpoint)
@@ -116,11 +117,6 @@ def submission_folder(cfg: DictConfig, task: Task) -> Path | None:
             f"test_dir={cfg.test_dir} does not exist: point it at a folder of DICOMs (Kaggle stage_2_test/)."
         )
     return test_dir
-
-
-def training_run_dir(checkpoint: Path) -> Path:
-    """train.py keeps checkpoints in <run>/checkpoints/; a checkpoint copied elsewhere is its own run folder."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def training_data(run_dir: Path) -> dict | None:

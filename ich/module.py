@@ -72,7 +72,9 @@ class ICHLitModule(pl.LightningModule):
         self.task = get_task(task)
         self._freeze = "none"
         self.backbone = create_backbone(backbone, in_chans, pretrained, weights)
-        self.head = build_head(self.backbone.num_features, self.task.num_outputs, **(head or {}))
+        # timm's num_features is the width before a pre-logits block (VGG, MobileNetV3); head_hidden_size after it
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.head = build_head(width, self.task.num_outputs, **(head or {}))
         if init_from is not None:
             self._init_from(Path(init_from))
         self.criterion = build_loss(self.task, pos_weight, class_weights, rsna_weights)

@@ -1,7 +1,8 @@
-"""`python -m ich.prepare data=rsna data.root=DIR`: index every DICOM once, print what was found.
+"""`python -m ich.prepare data=rsna data.root=DIR [cache=true]`: index every DICOM once, print what was found.
 
-Training builds or reuses the same index by itself; running this first shows the counts (and
-any unreadable files) before a GPU is booked.
+Training builds or reuses the same index (and, with data.cache=true, the slice cache) by itself;
+running this first shows the counts (and any unreadable files) before a GPU is booked, and does the
+one slow conversion on a machine with many cores.
 """
 
 import hydra
@@ -19,10 +20,15 @@ def main(cfg: DictConfig) -> None:
     if data["source"] == "images":
         raise ValueError("data=images needs no index: PNG/JPG folders are read as listed in data.labels.")
     datamodule = ICHDataModule(**data)
-    _, summary, folder = datamodule.build_index(force=cfg.force, workers=cfg.workers)
+    index, summary, folder = datamodule.build_index(force=cfg.force, workers=cfg.workers)
     print(f"Index: {folder / 'index.parquet'}")
     for line in summary.lines():
         print(f"  {line}")
+    if cfg.cache:
+        cache = datamodule.build_cache(index, workers=cfg.workers)
+        print(f"Slice cache: {cache.folder}")
+        for line in cache.lines():
+            print(f"  {line}")
 
 
 if __name__ == "__main__":

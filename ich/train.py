@@ -1,5 +1,10 @@
-"""Training from a composed config: `run(cfg)` is what `python train.py` calls, and tests and notebooks too."""
+"""Training from a composed config: `run(cfg)` is what `python train.py` calls, and tests and notebooks too.
 
+`objective(cfg)` wraps it for Hydra: the value a sweep optimises, and in a multirun a failed job is scored
+as the worst value instead of ending the sweep.
+"""
+
+import gc
 import logging
 import math
 import os
@@ -7,13 +12,19 @@ import time
 from pathlib import Path
 
 import hydra
+import matplotlib.pyplot as plt
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
 from ich.module import ICHLitModule
 from ich.results import print_metrics, write_json
+from ich.runs import resume_checkpoint, training_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +52,14 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
     )
 
 
-def _instantiate_all(group: DictConfig | None) -> list:
-    """Instantiate every entry of a group of objects; entries set to null are left out."""
+def _instantiate_all(group: DictConfig | None, **extra: dict) -> list:
+    """Instantiate every entry of a group of objects; entries set to null are left out.
+
+    `extra` maps an entry name to keyword arguments decided at run time (the W&B group, a resumed run id).
+    """
     if not group:
         return []
-    return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
+    return [hydra.utils.instantiate(node, **extra.get(name, {})) for name, node in group.items() if node is not None]
 
 
 def _wandb_offline_without_key(cfg: DictConfig) -> None:
@@ -59,24 +73,91 @@ def _wandb_offline_without_key(cfg: DictConfig) -> None:
         log.info("No W&B API key found: logging offline under %s/wandb (upload later with `wandb sync`)", cfg.output_dir)
 
 
-def build_trainer(cfg: DictConfig) -> pl.Trainer:
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _wandb_settings(cfg: DictConfig, resume_from: Path | None) -> dict:
+    """Run-time W&B settings: each multirun job is its own run, grouped by its sweep folder and named by its
+    overrides; a run resumed from a checkpoint continues the W&B run recorded in that checkpoint."""
+    node = (cfg.get("logger") or {}).get("wandb")
+    if node is None:
+        return {}
+    settings = {}
+    if _in_multirun():
+        job = HydraConfig.get()
+        if node.get("group") is None:
+            settings["group"] = job.sweep.dir
+        if node.get("name") is None:
+            settings["name"] = job.job.override_dirname or f"job {job.job.num}"
+    run_id = wandb_run_id(resume_from)
+    if run_id:
+        log.info("Resuming W&B run %s from the checkpoint", run_id)
+        settings.update(id=run_id, resume="allow")
+    return settings
+
+
+def wandb_run_id(checkpoint: Path | None) -> str | None:
+    """The W&B run id that ich.callbacks.WandbRunId stored in a checkpoint (None for another checkpoint)."""
+    if checkpoint is None:
+        return None
+    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(WANDB_RUN_ID_KEY)
+
+
+def build_trainer(cfg: DictConfig, resume_from: Path | None = None) -> pl.Trainer:
+    """The Trainer of the config; `resume_from` is the checkpoint fit() resumes from, if any."""
     _wandb_offline_without_key(cfg)
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("channels_last", None)  # a model setting that lives with the hardware choice
-    return pl.Trainer(
-        **kwargs,
-        default_root_dir=cfg.output_dir,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
-        logger=_instantiate_all(cfg.get("logger")) or False,
-    )
+    loggers = _instantiate_all(cfg.get("logger"), wandb=_wandb_settings(cfg, resume_from))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        callbacks.append(WandbRunId())
+    return pl.Trainer(**kwargs, default_root_dir=cfg.output_dir, callbacks=callbacks, logger=loggers or False)
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
     return {name: float(value) for name, value in sorted(metrics.items())}
 
 
+def _log_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
+    """The whole resolved config, once, to every logger (W&B config, CSV hparams.yaml, TensorBoard hparams).
+
+    The module's own hyperparameters follow at fit start; where a name is in both (`task`), the module's wins.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+
+
+def find_lr(trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule, cfg: DictConfig) -> float | None:
+    """Lightning's learning-rate range test. Its plot goes to lr_find.png and its suggestion becomes the
+    optimizer's lr, which is also the one-cycle schedule's peak (scheduler.max_lr: null)."""
+    from pytorch_lightning.tuner import Tuner
+
+    settings = OmegaConf.to_container(cfg.lr_find, resolve=True)
+    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, update_attr=False, **settings)
+    if finder is None:  # skipped, as under fast_dev_run
+        return None
+    figure = finder.plot(suggest=True)
+    figure.savefig(Path(cfg.output_dir) / "lr_find.png", dpi=100)
+    plt.close(figure)
+    suggestion = finder.suggestion()
+    if suggestion is None:
+        log.warning("The learning-rate finder found no clear slope; keeping optimizer.lr=%g", cfg.optimizer.lr)
+        return None
+    log.info("Learning-rate finder: training with lr %.3g, not %g (plot: lr_find.png)", suggestion, cfg.optimizer.lr)
+    model.hparams.optimizer["lr"] = suggestion
+    return suggestion
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
+    if cfg.task.name == "per_label":  # one binary model per label, as one paper did: its own pipeline
+        from ich.classical.per_label import run as run_per_label
+
+        return run_per_label(cfg)
+    cfg, resume_from = resume_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -84,26 +165,132 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup()
     model = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, resume_from=resume_from)
+    try:
+        metrics = _train_and_test(cfg, trainer, model, datamodule, resume_from)
+    except BaseException:
+        _finish_wandb(trainer, exit_code=1)
+        raise
+    _finish_wandb(trainer, exit_code=0)
+    if trainer.is_global_zero:  # under DDP every rank holds the same synced metrics: one writes them
+        write_json(output_dir / "metrics.json", metrics)
+        print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.backbone} -> {output_dir}")
+    return metrics
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
+    """With `ckpt_path`, continue that run: its own config and split, in its own folder.
+
+    Plain `key=value` overrides given with `ckpt_path` (`trainer.max_epochs=20`) still apply.
+    """
+    if not cfg.get("ckpt_path"):
+        return cfg, None
+    checkpoint = resume_checkpoint(str(cfg.ckpt_path))
+    run_dir = training_run_dir(checkpoint)
+    saved = run_dir / ".hydra" / "config.yaml"
+    resumed = OmegaConf.load(saved) if saved.is_file() else cfg.copy()
+    if saved.is_file() and HydraConfig.initialized():
+        given = [o for o in HydraConfig.get().overrides.task if "." in o.split("=", 1)[0] and not o.startswith("ckpt_path")]
+        resumed.merge_with(OmegaConf.from_dotlist(given))
+    resumed.ckpt_path = str(checkpoint)
+    resumed.output_dir = str(run_dir)
+    if (run_dir / "split.csv").is_file():
+        resumed.data.split_file = str(run_dir / "split.csv")
+    log.info("Resuming %s from %s", run_dir, checkpoint.name)
+    return resumed, checkpoint
+
+
+def _train_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule, resume_from: Path | None
+) -> dict:
+    _log_config(trainer, cfg)
+    metrics = {}
+    if cfg.get("tune_lr"):
+        suggestion = find_lr(trainer, model, datamodule, cfg)
+        if suggestion is not None:
+            metrics["lr_find/lr"] = suggestion
 
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {"time/fit_seconds": time.perf_counter() - started}
+    # weights_only: a checkpoint holding pickled objects (which could run code) is refused, not executed
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    metrics["time/fit_seconds"] = time.perf_counter() - started
     metrics.update({k: v for k, v in _numbers(trainer.callback_metrics).items() if k.startswith("val/")})
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update(_numbers(results))
     for stage, count in datamodule.summary["slices"].items():
         metrics[f"data/slices_{stage}"] = float(count)
     undefined = sorted(k for k, v in metrics.items() if math.isnan(v))
     if undefined:
         log.warning("Undefined on this data (a class absent from the split), written as null: %s", ", ".join(undefined))
-    write_json(output_dir / "metrics.json", metrics)
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # else only the first job of a multirun logs
-    print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.backbone} -> {output_dir}")
     return metrics
 
+
+def _finish_wandb(trainer: pl.Trainer, exit_code: int) -> None:
+    """End this job's W&B run, failed or not: in a multirun the next job would otherwise log into it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish(exit_code=exit_code)
+
+
+# --- what train.py returns to Hydra ----------------------------------------------------------------------
+
+
+def objective(cfg: DictConfig) -> float | None:
+    """Run and return `optimized_metric`. In a multirun a failing job (an exception, out of memory, a NaN loss,
+    an undefined metric) is logged with its overrides and scored as the worst value, so the sweep goes on."""
+    sweeping = _in_multirun()
+    if sweeping:
+        _check_multirun_launch(cfg)
+    name = cfg.get("optimized_metric") or "val/auroc_best"
+    try:
+        metrics = run(cfg)
+    except Exception:
+        if not sweeping:
+            raise
+        worst = _worst_score()
+        log.exception("Job %s failed; scored %s so the sweep goes on", _job_overrides(), worst)
+        _release_memory()
+        return worst
+    value = metrics.get(name)
+    if value is not None and not math.isnan(value):
+        return value
+    if name not in metrics:
+        log.warning("optimized_metric=%s is not among this run's metrics: choose one from metrics.json.", name)
+    if sweeping:
+        worst = _worst_score()
+        log.warning("Job %s has no value of %s; scored %s", _job_overrides(), name, worst)
+        return worst
+    return value
+
+
+def _check_multirun_launch(cfg: DictConfig) -> None:
+    """DDP in a local multirun relaunches the whole sweep on every GPU and hangs; SLURM gives each job its own."""
+    trainer = cfg.trainer
+    ddp = str(trainer.get("strategy") or "").startswith("ddp")
+    several = trainer.get("devices") not in (1, "1", [0]) or int(trainer.get("num_nodes") or 1) > 1
+    on_slurm = "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+    if ddp and several and not on_slurm:
+        raise ValueError(
+            "trainer=ddp cannot run inside a local multirun (-m): sweep with one GPU per trial (trainer=gpu), "
+            "or submit the sweep with launcher=slurm, or run each DDP job on its own without -m."
+        )
+
+
+def _worst_score() -> float:
+    """The worst value for the sweep's direction (an Optuna study records -inf/inf like any other score)."""
+    direction = str(HydraConfig.get().sweeper.get("direction", "maximize"))
+    return math.inf if "minimize" in direction else -math.inf
+
+
+def _job_overrides() -> str:
+    return " ".join(HydraConfig.get().overrides.task) or "(no overrides)"
+
+
+def _release_memory() -> None:
+    """A failed trial's model may still hold GPU memory; the next trial runs in this same process."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ from torch import nn
 from conftest import compose_config
 from ich import CONFIG_DIR
 from ich.models import build_head, create_backbone
+from ich.models.simple import SIMPLE_MODELS
 from ich.module import ICHLitModule
 
 TINY = "test_resnet"
@@ -134,7 +135,14 @@ def test_model_configs_select_a_timm_backbone_with_module_arguments(name):
     module_args = set(inspect.signature(ICHLitModule).parameters)
     assert set(cfg) <= module_args
     assert set(cfg.head) == {"hidden", "dropout", "batchnorm"}
-    assert timm.is_model(cfg.backbone)
+    assert timm.is_model(cfg.backbone) or cfg.backbone in SIMPLE_MODELS
+
+
+@pytest.mark.parametrize("backbone", ["vgg11", "mobilenetv3_small_050"])
+def test_backbones_with_a_pre_logits_block_get_a_head_of_the_right_width(backbone):
+    """timm's num_features (vgg11 512, mobilenetv3_small_050 288) is not what they output without a classifier."""
+    model = ICHLitModule(task="multilabel", backbone=backbone, in_chans=3)
+    assert model(torch.rand(1, 3, 224, 224)).shape == (1, 6)
 
 
 def test_model_group_selects_by_file_and_backbone_override_takes_any_timm_name():

@@ -97,14 +97,3 @@ def test_prepare_prints_the_index_summary(cache_dir, tmp_path):
     assert "files found: 60" in result.stdout and "read: 59" in result.stdout
     assert "images with any:" in result.stdout
 
-
-def test_wandb_logs_offline_when_no_api_key_is_set(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a W&B key either
-    # a short real epoch: fast_dev_run would swap every logger for a dummy
-    train(tmp_path, "logger=wandb", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2")
-    assert os.environ["WANDB_MODE"] == "offline"
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
-    assert (tmp_path / "metrics.json").is_file()

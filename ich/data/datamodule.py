@@ -1,6 +1,7 @@
 """The LightningDataModule: one interface over the phantom, RSNA DICOMs and image folders.
 
-`prepare_data` writes the phantom and the header index once (rank 0); `setup` filters blank slices,
+`prepare_data` writes the phantom, the header index and (with `cache=true`) the slice cache once
+(rank 0); `setup` reads slices from the cache or the DICOMs, filters blank slices,
 splits by patient, keeps the slices the task needs, balances the training split, and builds one
 dataset per stage. What was used and what was skipped is counted in `summary`.
 """
@@ -16,10 +17,20 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from ich.data.augment import build_augmentation
-from ich.data.dataset import DicomLoader, ImageLoader, SliceDataset, collate_skipping
+from ich.data.cache import SliceCache, load_or_build_cache
+from ich.data.dataset import (
+    CacheLoader,
+    DicomLoader,
+    EpochShuffle,
+    ImageLoader,
+    SliceDataset,
+    collate_skipping,
+    init_worker,
+)
 from ich.data.index import IndexSummary, load_or_build_index
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
@@ -69,16 +80,24 @@ def task_targets(table: pd.DataFrame, task: Task) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def context_stacks(table: pd.DataFrame, context: int) -> list[list[str]]:
-    """Per slice the paths of slices s-k..s+k of its series, repeating the edge slices."""
+def context_stacks(table: pd.DataFrame, context: int, key: str = "path") -> list[list]:
+    """Per slice the `key` (path, or cache row) of slices s-k..s+k of its series, repeating the edge slices."""
     if context == 0:
-        return [[p] for p in table["path"]]
-    paths_by_series = {s: g.sort_values("slice_index")["path"].tolist() for s, g in table.groupby("series")}
+        return [[k] for k in table[key].tolist()]
+    keys_by_series = {s: g.sort_values("slice_index")[key].tolist() for s, g in table.groupby("series")}
     stacks = []
     for series, i in zip(table["series"], table["slice_index"]):
-        paths = paths_by_series[series]
-        stacks.append([paths[min(max(i + d, 0), len(paths) - 1)] for d in range(-context, context + 1)])
+        keys = keys_by_series[series]
+        stacks.append([keys[min(max(i + d, 0), len(keys) - 1)] for d in range(-context, context + 1)])
     return stacks
+
+
+def resolve_workers(num_workers: int | str, devices: int = 1) -> int:
+    """DataLoader processes for `data.num_workers`; `auto` shares the usable cores among the devices, at most 8 each."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, devices)))
 
 
 class ICHDataModule(pl.LightningDataModule):
@@ -92,6 +111,7 @@ class ICHDataModule(pl.LightningDataModule):
         image_dir: str | None = None,
         labels: str | None = None,
         cache_dir: str = "~/.cache/ich",
+        cache: bool = False,
         windows: list = ("brain", "subdural", "bone"),
         context: int = 0,
         image_size: int = 256,
@@ -102,8 +122,8 @@ class ICHDataModule(pl.LightningDataModule):
         balance: str = "none",
         balance_ratio: float = 1.0,
         batch_size: int = 16,
-        num_workers: int = 2,
-        pin_memory: bool = False,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         augment: dict | None = None,
         phantom: dict | None = None,
         output_dir: str | None = None,
@@ -117,15 +137,22 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError(f"Unknown data.balance '{balance}': use none or undersample.")
         if source == "images" and context:
             raise ValueError("data.context needs slice positions, which PNG/JPG folders lack: set data.context=0.")
+        if source == "images" and cache:
+            raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
+        if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"data.num_workers={num_workers!r}: give a number of processes (0 = none) or auto.")
+        if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
+            raise ValueError(f"data.pin_memory={pin_memory!r}: use true, false or auto (true when CUDA is available).")
         self.task = get_task(task)
         self.source, self.image_dir, self.labels = source, image_dir, labels
         self.root = Path(root).expanduser() if root else None
         self.cache_dir = Path(cache_dir).expanduser()
+        self.cache = bool(cache)
         self.windows = tuple(parse_windows(windows))
         self.context, self.image_size, self.min_brain_fraction = int(context), int(image_size), float(min_brain_fraction)
         self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
         self.balance, self.balance_ratio = balance, float(balance_ratio)
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
         self.augment = dict(augment or {})
         self.phantom = dict(phantom or {})
         self.output_dir = Path(output_dir) if output_dir else None
@@ -155,6 +182,12 @@ class ICHDataModule(pl.LightningDataModule):
         images = find_rsna_images(root, self.image_dir)
         return load_or_build_index(images, labels_csv, read_rsna_labels(labels_csv), self.cache_dir, workers, force)
 
+    def build_cache(self, index: pd.DataFrame | None = None, workers: int | None = None) -> SliceCache:
+        """The slice cache of a DICOM source's index at data.image_size (converted on first use, finished if cut short)."""
+        if index is None:
+            index, _, _ = self.build_index()
+        return load_or_build_cache(index, self.cache_dir, self.image_size, workers)
+
     def _image_table(self) -> pd.DataFrame:
         table = read_image_table(self.root, Path(self.labels).expanduser(), self.task.outputs)
         table["patient"] = [pseudonym(p) for p in table["patient"]]
@@ -167,7 +200,9 @@ class ICHDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.source != "images":
-            self._slice_table()
+            index = self._slice_table()
+            if self.cache:
+                self.build_cache(index)
 
     # -- stages ---------------------------------------------------------------------------------
     def _stages(self, table: pd.DataFrame) -> pd.Series:
@@ -188,16 +223,27 @@ class ICHDataModule(pl.LightningDataModule):
             return
         table = self._slice_table()
         found = len(table)
+        cache = None
+        if self.cache:
+            cache = self.build_cache(table)
+            table = table.assign(cache_row=np.arange(len(table)))  # the cache's rows follow the index
+            if cache.failed:
+                self.summary["failed_in_cache"] = len(cache.failed)
         if self.source != "images" and self.min_brain_fraction > 0:
             blank = table["brain_fraction"] < self.min_brain_fraction
             self.summary.setdefault("skipped", {})["little_brain"] = int(blank.sum())
             table = table[~blank]
-        stacks = dict(zip(table["image_id"], context_stacks(table, self.context))) if self.source != "images" else None
+            if table.empty:
+                raise ValueError(
+                    f"No slices left: data.min_brain_fraction={self.min_brain_fraction} dropped all {found}; lower it."
+                )
+        key = "cache_row" if cache else "path"
+        stacks = dict(zip(table["image_id"], context_stacks(table, self.context, key))) if self.source != "images" else None
         table = table.assign(split=self._stages(table))
         table = table[task_rows(table, self.task) & table["split"].notna()]
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
-        loader = self._loader(table)
+        loader = self._loader(table, cache)
         augmentation = build_augmentation(**self.augment)
         for name in STAGES:
             part = table[table["split"] == name]
@@ -213,6 +259,7 @@ class ICHDataModule(pl.LightningDataModule):
                 part["image_id"].tolist(),
                 loader,
                 transform=augmentation if name == "train" else None,
+                seed=self.seed,
             )
         self.summary.update(
             slices_found=found,
@@ -221,7 +268,9 @@ class ICHDataModule(pl.LightningDataModule):
         )
         log.info("Data: %s", json.dumps(self.summary))
 
-    def _loader(self, table: pd.DataFrame):
+    def _loader(self, table: pd.DataFrame, cache: SliceCache | None):
+        if cache is not None:
+            return CacheLoader(cache, self.windows)
         if self.source != "images":
             return DicomLoader(self.windows, self.image_size)
         first = cv2.imread(table["path"].iloc[0], cv2.IMREAD_UNCHANGED)
@@ -250,15 +299,18 @@ class ICHDataModule(pl.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
     def _dataloader(self, stage: str, shuffle: bool) -> DataLoader:
+        workers = resolve_workers(self.num_workers, self.trainer.num_devices if self.trainer is not None else 1)
+        dataset = self.datasets[stage]
         return DataLoader(
-            self.datasets[stage],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available() if self.pin_memory == "auto" else self.pin_memory,
+            persistent_workers=workers > 0,
+            worker_init_fn=init_worker,
             collate_fn=collate_skipping,
-            drop_last=shuffle and len(self.datasets[stage]) > self.batch_size,
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,22 +1,29 @@
 """Slices of one split as tensors: read, window, stack the context slices, augment."""
 
+import ctypes
 import logging
+import os
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from lightning_fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from ich.data.dicom import DicomReadError, fit_to_square, read_hu
+from ich.data.cache import SliceCache
+from ich.data.dicom import DicomReadError, read_hu_square
 from ich.data.windows import Window, window_stack
 
 log = logging.getLogger(__name__)
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
 
 @dataclass(frozen=True)
 class DicomLoader:
-    """DICOM -> HU -> square image of `size` -> one channel per window."""
+    """DICOM -> int16 HU on a square of `size` -> one channel per window."""
 
     windows: tuple[Window, ...]
     size: int
@@ -26,7 +33,22 @@ class DicomLoader:
         return len(self.windows)
 
     def __call__(self, path: str) -> np.ndarray:
-        return window_stack(fit_to_square(read_hu(path), self.size), list(self.windows))
+        return window_stack(read_hu_square(path, self.size), self.windows)
+
+
+@dataclass(frozen=True)
+class CacheLoader:
+    """A row of the slice cache -> one channel per window: the DicomLoader's result, without the DICOM."""
+
+    cache: SliceCache
+    windows: tuple[Window, ...]
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def __call__(self, row: int) -> np.ndarray:
+        return window_stack(self.cache.hu(row), self.windows)
 
 
 @dataclass(frozen=True)
@@ -53,16 +75,25 @@ class SliceDataset(Dataset):
     """One item per slice; with context, the neighbouring slices' channels come along.
 
     Args:
-        stacks: per item the paths to read, neighbours first to last (one path without context).
+        stacks: per item what the loader reads (paths, or slice-cache rows), neighbours first to last
+            (one entry without context).
         targets: per item the target row (float labels, or a class index for subtype).
         image_ids: per item the id reported in predictions.
-        loader: turns one path into an HxWxC float image.
+        loader: turns one entry of a stack into an HxWxC float image.
         transform: an albumentations pipeline, or None for validation and test.
     """
 
-    def __init__(self, stacks: list[list[str]], targets: np.ndarray, image_ids: list[str], loader, transform=None):
+    def __init__(
+        self,
+        stacks: list[list[str]] | list[list[int]],
+        targets: np.ndarray,
+        image_ids: list[str],
+        loader,
+        transform=None,
+        seed: int = 0,
+    ):
         self.stacks, self.targets, self.image_ids = stacks, targets, image_ids
-        self.loader, self.transform = loader, transform
+        self.loader, self.transform, self.seed = loader, transform, seed
 
     def __len__(self) -> int:
         return len(self.stacks)
@@ -71,23 +102,45 @@ class SliceDataset(Dataset):
     def channels(self) -> int:
         return max(3, self.loader.channels * len(self.stacks[0])) if self.stacks else 0
 
-    def image(self, i: int) -> np.ndarray:
-        parts = [self.loader(path) for path in self.stacks[i]]
+    def image(self, i: int, epoch: int | None = None) -> np.ndarray:
+        """Slice `i` as CxHxW; with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
+        parts = [self.loader(key) for key in self.stacks[i]]
         image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
         if image.shape[2] == 1:
             image = np.repeat(image, 3, axis=2)  # one window: three identical channels for ImageNet stems
         if self.transform is not None:
+            if epoch is not None:
+                self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
             image = np.clip(self.transform(image=image)["image"], 0.0, 1.0)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         try:
-            image = self.image(i)
+            image = self.image(i, epoch)
         except (DicomReadError, OSError) as err:
             # The index read every file once; a file failing now changed on disk. Skip the slice, say which.
             log.warning("Skipping %s in this batch: %s", self.image_ids[i], err)
             return None
         return {"image": torch.from_numpy(image), "target": torch.as_tensor(self.targets[i]), "image_id": self.image_ids[i]}
+
+
+class EpochShuffle(DistributedSampler):
+    """Shuffles by (seed, epoch) and hands each slice its epoch, as `(epoch, index)` keys.
+
+    The dataset seeds the slice's augmentation from (seed, epoch, index), so what the model sees depends
+    on the seed alone, not on worker processes or on where a run was interrupted: two seeded runs agree,
+    and a resumed run continues exactly as an uninterrupted one. Being a DistributedSampler, it is kept
+    under DDP (each rank takes its share) and Lightning sets its epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(dataset, num_replicas=None if distributed else 1, rank=None if distributed else 0,
+                         shuffle=True, seed=seed)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())
 
 
 def collate_skipping(items: list[dict | None]) -> dict:
@@ -96,3 +149,24 @@ def collate_skipping(items: list[dict | None]) -> dict:
     if not kept:
         raise RuntimeError("Every slice of a batch failed to read: the data folder changed since it was indexed; run ich.prepare again.")
     return default_collate(kept)
+
+
+def reuse_freed_memory() -> None:
+    """Let this process reuse freed memory for the next slice instead of returning it to the kernel.
+
+    By default glibc maps every array over 128 KB afresh and unmaps it when freed, so each slice pays
+    for hundreds of zero-filled page faults, which cost more than windowing it. Arrays up to 32 MB then
+    come from the heap, and up to 1 GB of freed heap is kept: a worker holds its peak working set
+    instead of refaulting it every batch. Without glibc (macOS, musl) nothing changes.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker start: reuse freed memory, and seed as Lightning does after seed_everything(workers=True)."""
+    reuse_freed_memory()
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # a worker_init_fn of ours replaces the one Lightning would add
+        pl_worker_init_function(worker_id)

@@ -148,7 +148,7 @@ def _stamp(path: Path | None) -> list[float]:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # ranks of one DDP job may write at once
     write(tmp)
     os.replace(tmp, path)
 

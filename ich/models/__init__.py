@@ -2,5 +2,6 @@
 
 from ich.models.backbone import create_backbone
 from ich.models.head import build_head
+from ich.models.simple import MLP, SimpleCNN
 
-__all__ = ["build_head", "create_backbone"]
+__all__ = ["MLP", "SimpleCNN", "build_head", "create_backbone"]

@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from ich.models.simple import SIMPLE_MODELS, create_simple
+
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 3.0
@@ -29,8 +31,11 @@ def create_backbone(
     """A timm model without classifier (`num_classes=0`): forward gives [B, num_features] pooled features.
 
     `weights` (a .safetensors/.pth file) wins over `pretrained`; timm adapts the first convolution when
-    `in_chans` differs from the 3 channels the weights were trained on.
+    `in_chans` differs from the 3 channels the weights were trained on. The papers' small networks
+    (`simple_cnn`, `mlp`: ich.models.simple) are built here too, under the same contract.
     """
+    if name in SIMPLE_MODELS:
+        return create_simple(name, in_chans, pretrained, weights)
     check_backbone_name(name)
     if weights is not None:
         return _from_file(name, in_chans, Path(weights))

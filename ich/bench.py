@@ -1,0 +1,420 @@
+"""`python -m ich.bench`: measured speed of each stage, from a DICOM file to trained images per second.
+
+Not a test: run it on the machine whose figures you want; it prints a table and writes JSON.
+
+    python -m ich.bench --out bench.json                                   # CPU: a few minutes
+    python -m ich.bench --backbone densenet121 --peak-tflops 989 --out gpu.json   # on a GPU
+
+Per-core figures pin the process to one core with one thread per library, with glibc told to reuse
+freed memory as DataLoader workers are (ich.data.dataset.reuse_freed_memory): every way is measured
+alike, without the page faults that otherwise make the figures swing by up to 2x from run to run.
+Inputs are phantom slices (512x512, 16-bit, uncompressed) written to a temporary folder, so files
+come from the page cache: the figures are CPU cost, not disk speed.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from omegaconf import OmegaConf
+from pydicom import config as pydicom_config
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from ich import CONFIG_DIR
+from ich.data.augment import build_augmentation
+from ich.data.cache import SliceCache, load_or_build_cache
+from ich.data.datamodule import ICHDataModule, resolve_workers
+from ich.data.dataset import CacheLoader, DicomLoader, SliceDataset, collate_skipping, init_worker, reuse_freed_memory
+from ich.data.windows import WINDOWS, parse_windows
+
+WINDOW_NAMES = ("brain", "subdural", "bone")
+SLICES_PER_SERIES = 20
+RSNA_SLICES = 752_803  # stage 2 training set
+TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9}
+
+
+def naive(path: Path, size: int) -> np.ndarray:
+    """What most public notebooks do: float64 HU, window at full size, resize each channel."""
+    # Validation off as in ich: the phantom's RSNA-style "ID_..." UIDs would make every read pay for a warning.
+    with pydicom_config.disable_value_validation():
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    channels = []
+    for name in WINDOW_NAMES:
+        center, width = WINDOWS[name]
+        channels.append(cv2.resize(np.clip((hu - (center - width / 2)) / width, 0, 1), (size, size)))
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def images_per_second(work: Callable[[], int], min_seconds: float) -> float:
+    """Run `work` (which returns how many images it handled) until min_seconds have passed."""
+    images, start = 0, time.perf_counter()
+    while True:
+        images += work()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return images / elapsed
+
+
+def interleaved(ways: dict[str, Callable[[], int]], repeats: int, min_seconds: float) -> dict[str, list[float]]:
+    """Rates of each way, repeats interleaved so that a drift in machine load hits every way alike."""
+    for work in ways.values():
+        work()  # warm-up: page cache, lazy imports, decoder plugins, lookup tables
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, work in ways.items():
+            rates[name].append(images_per_second(work, min_seconds))
+    return rates
+
+
+def each(read: Callable, keys: list) -> Callable[[], int]:
+    """One pass of `read` over `keys`."""
+
+    def work() -> int:
+        for key in keys:
+            read(key)
+        return len(keys)
+
+    return work
+
+
+def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
+    """One pass over a dataset the way a DataLoader worker does it: items, then the collated batch."""
+
+    def work() -> int:
+        for start in range(0, len(dataset), batch_size):
+            collate_skipping([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        return len(dataset)
+
+    return work
+
+
+def default_augmentation():
+    """The training augmentation with the strengths of conf/data/_common.yaml."""
+    return build_augmentation(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment))
+
+
+@contextlib.contextmanager
+def one_core() -> Iterator[None]:
+    """Pin the process to one core with one thread in torch and OpenCV, then restore both."""
+    cores, torch_threads, cv2_threads = os.sched_getaffinity(0), torch.get_num_threads(), cv2.getNumThreads()
+    os.sched_setaffinity(0, {min(cores)})
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
+
+
+def phantom_index(workdir: Path, slices: int, dicom_size: int) -> pd.DataFrame:
+    """Write `slices` phantom DICOMs (whole series) and index them."""
+    phantom = {"patients": math.ceil(slices / SLICES_PER_SERIES), "slices": SLICES_PER_SERIES,
+               "size": dicom_size, "seed": 0, "quirks": False}
+    index, _, _ = ICHDataModule(source="phantom", cache_dir=str(workdir), phantom=phantom).build_index()
+    return index.head(slices).reset_index(drop=True)
+
+
+def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation."""
+    windows = tuple(parse_windows(list(WINDOW_NAMES)))
+    paths = index["path"].tolist()
+    dicom = DicomLoader(windows, args.size)
+    augment = default_augmentation()
+    targets = np.zeros((len(paths), 1), np.float32)
+    ids = index["image_id"].tolist()
+    by_path, by_row = [[p] for p in paths], [[row] for row in range(len(paths))]
+    datasets = {
+        "loader_dicom": SliceDataset(by_path, targets, ids, dicom),
+        "loader_dicom_augmented": SliceDataset(by_path, targets, ids, dicom, augment),
+        "loader_cache": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows)),
+        "loader_cache_augmented": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows), augment),
+    }
+    ways = {"dicom_naive": each(lambda path: naive(Path(path), args.size), paths), "dicom_ich": each(dicom, paths)}
+    ways.update({name: batches_of(dataset, args.batch_size) for name, dataset in datasets.items()})
+    with one_core():
+        return interleaved(ways, args.repeats, args.min_seconds)
+
+
+def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoader | None) -> dict:
+    """Training and inference images/s of the backbone on random tensors, FLOPs per image, and with
+    `loader`, training images/s on real batches next to the same steps on tensors already on the device."""
+    from ich.module import ICHLitModule
+
+    bf16 = args.precision == "bf16-mixed"
+    module = ICHLitModule(task="binary", backbone=args.backbone, channels_last=device.type == "cuda").to(device)
+    forward_flops, train_flops = count_flops(module, args.size)
+    if args.compile:
+        module.backbone.compile()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    images = torch.rand(args.batch_size, 3, args.size, args.size, device=device)
+    target = (torch.rand(args.batch_size, 1, device=device) > 0.5).float()
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = module.criterion(module(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer_step() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            module(images)
+
+    module.train()
+    train_rate = timed_steps(lambda: train_step(images, target), args, device)
+    module.eval()
+    infer_rate = timed_steps(infer_step, args, device)
+    result = {
+        "backbone": args.backbone, "size": args.size, "precision": args.precision, "batch_size": args.batch_size,
+        "device": device_name(device), "threads": torch.get_num_threads(), "compile": args.compile,
+        "train_images_per_s": round(train_rate, 2), "infer_images_per_s": round(infer_rate, 2),
+        "forward_gflops_per_image": round(forward_flops / 1e9, 3), "train_gflops_per_image": round(train_flops / 1e9, 3),
+        "train_tflops_per_s": round(train_rate * train_flops / 1e12, 4),
+        "infer_tflops_per_s": round(infer_rate * forward_flops / 1e12, 4),
+    }
+    if args.peak_tflops:
+        result["peak_tflops"] = args.peak_tflops
+        result["train_peak_fraction"] = round(result["train_tflops_per_s"] / args.peak_tflops, 4)
+        result["infer_peak_fraction"] = round(result["infer_tflops_per_s"] / args.peak_tflops, 4)
+    if loader is not None:
+        module.train()
+        batches = endless(loader)
+
+        def real_step() -> None:
+            batch = next(batches)
+            train_step(batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True))
+
+        real_rate = timed_steps(real_step, args, device)
+        random_rate = timed_steps(lambda: train_step(images, target), args, device)
+        result["loader_vs_random"] = {
+            "workers": loader.num_workers, "real_images_per_s": round(real_rate, 2),
+            "random_images_per_s": round(random_rate, 2), "ratio": round(real_rate / random_rate, 3),
+        }
+    return result
+
+
+def count_flops(module: torch.nn.Module, size: int) -> tuple[float, float]:
+    """FLOPs per image of a forward pass and of a training step (forward and backward), counted on two images.
+
+    Two, because BatchNorm refuses one image in training mode; convolution FLOPs are linear in the batch.
+    """
+    image = torch.rand(2, 3, size, size, device=next(module.parameters()).device)
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            module(image)
+    with FlopCounterMode(display=False) as train:
+        module(image).sum().backward()
+    module.zero_grad(set_to_none=True)
+    return forward.get_total_flops() / 2, train.get_total_flops() / 2
+
+
+def timed_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
+    """Images/s over args.steps steps after args.warmup untimed ones (compilation, cuDNN autotuning)."""
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def endless(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Namespace, device: torch.device) -> DataLoader:
+    """The training DataLoader over the cache, as `trainer=gpu data.cache=true` builds it."""
+    augment = default_augmentation()
+    targets = (np.arange(len(index)) % 2).astype(np.float32)[:, None]
+    dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(),
+                           CacheLoader(cache, tuple(parse_windows(list(WINDOW_NAMES)))), augment)
+    workers = resolve_workers(args.loader_workers)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=init_worker, collate_fn=collate_skipping, drop_last=True)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def projection(result: dict, cores: int, on_gpu: bool) -> dict:
+    """Hours for one RSNA epoch from the measured rates: a projection, not a measurement.
+
+    Loader work is assumed to scale linearly over the cores (workers on a GPU machine). On a CPU-only
+    machine the loader and the model share the cores, so their times add; on a GPU they overlap.
+    """
+    rates = result["per_core"]
+    train = result["model"]["train_images_per_s"]
+    workers = resolve_workers("auto") if on_gpu else cores
+
+    def epoch_hours(loader_rate_per_core: float) -> float:
+        loader_s, model_s = RSNA_SLICES / (loader_rate_per_core * workers), RSNA_SLICES / train
+        return round((max(loader_s, model_s) if on_gpu else loader_s + model_s) / 3600, 2)
+
+    out = {
+        "slices": RSNA_SLICES,
+        "loader_cores": workers,
+        "epoch_hours_dicom_path": epoch_hours(rates["loader_dicom_augmented"]),
+        "epoch_hours_cache_path": epoch_hours(rates["loader_cache_augmented"]),
+        "epoch_hours_model_alone": round(RSNA_SLICES / train / 3600, 2),
+    }
+    if result["cache_build"]:
+        out["cache_build_hours"] = round(RSNA_SLICES / result["cache_build"]["images_per_s"] / 3600, 2)
+    return out
+
+
+def target_checks(result: dict) -> dict:
+    rates = result["per_core"]
+    ratios = {
+        "dicom_vs_naive": rates["dicom_ich"] / rates["dicom_naive"],
+        "cache_vs_dicom": rates["loader_cache"] / rates["loader_dicom"],
+    }
+    compared = result["model"].get("loader_vs_random")
+    if compared:
+        ratios["real_vs_random"] = compared["ratio"]
+    return {
+        name: {"ratio": round(value, 2), "target": TARGETS[name], "met": value >= TARGETS[name]}
+        for name, value in ratios.items()
+    }
+
+
+def print_table(result: dict) -> None:
+    cores, model = result["machine"]["cores"], result["model"]
+    print(f"\n{result['machine']['cpu']} ({cores} cores), GPU: {result['machine']['gpu'] or 'none'}")
+    print(f"{'images/s on one core (median of ' + str(result['settings']['repeats']) + ')':<52}{'images/s':>10}")
+    for name, rate in result["per_core"].items():
+        print(f"  {name:<50}{rate:>10.1f}")
+    if result["cache_build"]:
+        print(f"  {'cache build, all ' + str(cores) + ' cores':<50}{result['cache_build']['images_per_s']:>10.1f}")
+    print(f"{model['backbone']} {model['size']}px {model['precision']} batch {model['batch_size']} on {model['device']}:")
+    print(f"  train {model['train_images_per_s']:.1f} images/s ({model['train_tflops_per_s']:.3f} TFLOP/s), "
+          f"inference {model['infer_images_per_s']:.1f} images/s ({model['infer_tflops_per_s']:.3f} TFLOP/s), "
+          f"{model['forward_gflops_per_image']:.2f} GFLOP per image forward")
+    if "loader_vs_random" in model:
+        compared = model["loader_vs_random"]
+        print(f"  real batches ({compared['workers']} workers) {compared['real_images_per_s']:.1f} images/s vs "
+              f"random tensors on the device {compared['random_images_per_s']:.1f}: {compared['ratio']:.2f}")
+    for name, check in result["targets"].items():
+        print(f"target {name}: {check['ratio']}x (want >= {check['target']}): {'met' if check['met'] else 'NOT met'}")
+    print(f"projection, one RSNA epoch ({RSNA_SLICES:,} slices): {result['projection']}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ich.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200, help="phantom slices to write and read")
+    parser.add_argument("--dicom-size", type=int, default=512, help="pixels per side of the phantom DICOMs")
+    parser.add_argument("--size", type=int, default=256, help="training image size")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each per-core measurement")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="least time of one per-core measurement")
+    parser.add_argument("--backbone", default="resnet18", help="timm model name")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default=None,
+                        help="default: bf16-mixed on a GPU, 32 on the CPU")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="timed model steps (default: 50 on a GPU, 4 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed model steps before timing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the model figures (default: every usable core)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, to report the fraction reached")
+    parser.add_argument("--compare-loader", action=argparse.BooleanOptionalAction, default=None,
+                        help="train on cached batches and on random tensors on the device (default: on a GPU)")
+    parser.add_argument("--loader-workers", default="auto", help="DataLoader processes of --compare-loader")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the phantom and cache here (default: a temporary folder)")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's allocator as it is (figures then depend on its state; see the module doc)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    if args.loader_workers != "auto":
+        args.loader_workers = int(args.loader_workers)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if not args.malloc_defaults:
+        reuse_freed_memory()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.precision = args.precision or ("bf16-mixed" if on_gpu else "32")
+    args.steps = args.steps or (50 if on_gpu else 4)
+    compare = on_gpu if args.compare_loader is None else args.compare_loader
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        index = phantom_index(workdir, args.slices, args.dicom_size)
+        fresh = not any(workdir.glob("slices-*"))  # a cache kept in --workdir from an earlier run has no build rate
+        start = time.perf_counter()
+        cache = load_or_build_cache(index, workdir, args.size)
+        built = time.perf_counter() - start
+        cache_build = {"images_per_s": round(len(index) / built, 1), "cores": cores} if fresh else None
+        rates = per_core(index, cache, args)
+        torch.set_num_threads(args.threads or cores)
+        loader = training_loader(cache, index, args, device) if compare else None
+        model = model_speed(args, device, loader)
+    result = {
+        "machine": {
+            "cpu": cpu_model(), "cores": cores, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "pydicom": pydicom.__version__, "opencv": cv2.__version__,
+        },
+        "settings": {
+            "slices": len(index), "dicom_size": args.dicom_size, "size": args.size, "windows": list(WINDOW_NAMES),
+            "repeats": args.repeats, "batch_size": args.batch_size, "reuse_freed_memory": not args.malloc_defaults,
+            "input": "phantom DICOMs, 16-bit uncompressed, from the page cache",
+            "augment": "the data.augment defaults of conf/data/_common.yaml",
+        },
+        "per_core": {name: round(statistics.median(values), 1) for name, values in rates.items()},
+        "per_core_repeats": {name: [round(v, 1) for v in values] for name, values in rates.items()},
+        "cache_build": cache_build,
+        "model": model,
+    }
+    result["targets"] = target_checks(result)
+    result["projection"] = projection(result, cores, on_gpu)
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
