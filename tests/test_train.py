@@ -80,6 +80,8 @@ def run_cli(*args, cwd=ROOT):
     [
         (["model.backbone=resnet_nonexistent"], "set model.backbone to a timm model name"),
         (["data=rsna", "data.root=/no/such/folder"], "data.root=/no/such/folder does not exist"),
+        (["task=segmentation"], "Could not find 'task/segmentation'"),
+        (["model.depth=50"], "Could not override 'model.depth'"),
     ],
 )
 def test_wrong_option_gives_one_sentence_not_a_traceback(tmp_path, overrides, message):
