@@ -40,3 +40,19 @@ def compose_config(name: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+# The same small phantom as SMALL_PHANTOM, as data module arguments.
+PHANTOM = {"patients": 10, "slices": 6, "size": 128, "seed": 0, "quirks": True}
+
+
+def make_datamodule(cache_dir, tmp_path, **kwargs):
+    """A set-up data module on the small phantom at 64 px; keyword arguments override its settings."""
+    from ich.data.datamodule import ICHDataModule
+
+    settings = dict(source="phantom", cache_dir=str(cache_dir), image_size=64, num_workers=0, batch_size=8,
+                    phantom=PHANTOM, output_dir=str(tmp_path), seed=1)
+    dm = ICHDataModule(**{**settings, **kwargs})
+    dm.prepare_data()
+    dm.setup()
+    return dm

@@ -16,18 +16,9 @@ from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import CacheLoader, SliceDataset
 from ich.data.dicom import DicomReadError, read_hu_square
 from ich.data.windows import parse_windows, window_stack
-from conftest import SMALL_PHANTOM, compose_config
+from conftest import PHANTOM, SMALL_PHANTOM, compose_config
+from conftest import make_datamodule as datamodule
 
-PHANTOM = {"patients": 10, "slices": 6, "size": 128, "seed": 0, "quirks": True}
-
-
-def datamodule(cache_dir, tmp_path, **kwargs) -> ICHDataModule:
-    settings = dict(source="phantom", cache_dir=str(cache_dir), image_size=64, num_workers=0, batch_size=8,
-                    phantom=PHANTOM, output_dir=str(tmp_path), seed=1)
-    dm = ICHDataModule(**{**settings, **kwargs})
-    dm.prepare_data()
-    dm.setup()
-    return dm
 
 
 def phantom_index(cache_dir, tmp_path) -> pd.DataFrame:

@@ -8,18 +8,9 @@ import torch
 from ich.data.datamodule import ICHDataModule
 from ich.data.sources import read_image_table, read_rsna_labels
 from ich.data.splits import split_by_patient, undersample
+from conftest import PHANTOM, make_datamodule
 from ich.tasks import LABELS, SUBTYPES
 
-PHANTOM = {"patients": 10, "slices": 6, "size": 128, "seed": 0, "quirks": True}
-
-
-def make_datamodule(cache_dir, tmp_path, **kwargs) -> ICHDataModule:
-    settings = dict(source="phantom", cache_dir=str(cache_dir), image_size=64, num_workers=0, batch_size=8,
-                    phantom=PHANTOM, output_dir=str(tmp_path), seed=1)
-    dm = ICHDataModule(**{**settings, **kwargs})
-    dm.prepare_data()
-    dm.setup()
-    return dm
 
 
 def write_rsna_csv(path, rows):
