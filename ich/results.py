@@ -3,21 +3,28 @@
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file and a rename, so a killed run never leaves half a file.
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Let `write` fill a temporary file, then rename it over `path`: a killed process never leaves half a file.
 
-    NaN (a metric undefined on this data, such as AUROC without positives) becomes null: valid JSON.
+    The temporary name carries the process id, since the ranks of one DDP job may write the same file at once.
     """
-    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in payload.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Metrics as JSON, atomically. NaN (a metric undefined on this data, such as AUROC without
+    positives) becomes null: valid JSON."""
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in payload.items()}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=2, sort_keys=True)))
 
 
 def print_metrics(metrics: dict[str, float], title: str) -> None:

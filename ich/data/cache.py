@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ich.data.dicom import AIR_HU, READER_VERSION, DicomReadError, read_hu_square
+from ich.results import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,7 @@ def _start(folder: Path, index: pd.DataFrame, settings: dict, shard_rows: int) -
     rows = np.arange(len(index))
     table = pd.DataFrame({"image_id": index["image_id"], "path": index["path"], "row": rows,
                           "shard": rows // shard_rows, "offset": rows % shard_rows})
-    tmp = folder / "slices.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, folder / "slices.parquet")
+    write_atomic(folder / "slices.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     _write_json(folder / "settings.json", settings)
     manifest = {"settings": settings, "shard_rows": shard_rows, "shards": {}}
     _write_json(folder / MANIFEST, manifest)
@@ -267,9 +266,7 @@ def _read_manifest(folder: Path, settings: dict | None = None) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ich.data.dicom import DicomReadError, read_slice
 from ich.privacy import pseudonym
+from ich.results import write_atomic
 from ich.tasks import LABELS
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,6 @@ def _stamp(path: Path | None) -> list[float]:
     return [float(stat.st_size), stat.st_mtime]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # ranks of one DDP job may write at once
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def load_or_build_index(
     image_dir: Path,
     labels_csv: Path | None,
@@ -178,9 +173,9 @@ def load_or_build_index(
     summary.labels_file = str(labels_csv) if labels_csv else None
     summary.labels_stamp = _stamp(labels_csv)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
+    write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
     skipped.to_csv(folder / "skipped.csv", index=False)
-    _write_atomic(summary_path, lambda p: p.write_text(json.dumps(asdict(summary), indent=2)))
+    write_atomic(summary_path, lambda p: p.write_text(json.dumps(asdict(summary), indent=2)))
     for reason, group in skipped.groupby("skip"):
         shown = ", ".join(group["image_id"].head(10))
         more = f" and {len(group) - 10} more" if len(group) > 10 else ""
