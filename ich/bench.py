@@ -35,11 +35,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ich import CONFIG_DIR
-from ich.data.augment import build_augmentation
+from ich.data.augment import DeviceAugmentation, build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import CacheLoader, DicomLoader, SliceDataset, collate_skipping, init_worker, reuse_freed_memory
-from ich.data.windows import WINDOWS, parse_windows
+from ich.data.dicom import read_hu_square
+from ich.data.windows import WINDOWS, parse_windows, to_unit_float, window_stack
 
 WINDOW_NAMES = ("brain", "subdural", "bone")
 SLICES_PER_SERIES = 20
@@ -48,7 +49,7 @@ TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9}
 
 
 def naive(path: Path, size: int) -> np.ndarray:
-    """What most public notebooks do: float64 HU, window at full size, resize each channel."""
+    """What most public notebooks do: float64 HU, window at full size, resize each channel, float32 out."""
     # Validation off as in ich: the phantom's RSNA-style "ID_..." UIDs would make every read pay for a warning.
     with pydicom_config.disable_value_validation():
         ds = pydicom.dcmread(path)
@@ -103,9 +104,10 @@ def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
     return work
 
 
-def default_augmentation():
-    """The training augmentation with the strengths of conf/data/_common.yaml."""
-    return build_augmentation(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment))
+def default_augmentation(on: str = "cpu"):
+    """The training augmentation with the strengths of conf/data/_common.yaml, for the loader (cpu) or the device (gpu)."""
+    strengths = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment)
+    return DeviceAugmentation(**strengths) if on == "gpu" else build_augmentation(**strengths)
 
 
 @contextlib.contextmanager
@@ -145,8 +147,14 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
         "loader_dicom_augmented": SliceDataset(by_path, targets, ids, dicom, augment),
         "loader_cache": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows)),
         "loader_cache_augmented": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows), augment),
+        # data.augment_on=gpu: the workers draw each slice's parameters, the GPU moves the pixels
+        "loader_cache_augment_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows),
+                                                    default_augmentation(on="gpu")),
     }
-    ways = {"dicom_naive": each(lambda path: naive(Path(path), args.size), paths), "dicom_ich": each(dicom, paths)}
+    ways = {
+        "dicom_naive": each(lambda path: naive(Path(path), args.size), paths),
+        "dicom_ich": each(lambda path: window_stack(read_hu_square(path, args.size), windows), paths),
+    }
     ways.update({name: batches_of(dataset, args.batch_size) for name, dataset in datasets.items()})
     with one_core():
         return interleaved(ways, args.repeats, args.min_seconds)
@@ -199,12 +207,15 @@ def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoad
 
         def real_step() -> None:
             batch = next(batches)
-            train_step(batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True))
+            image = to_unit_float(batch["image"].to(device, non_blocking=True))
+            if "augment" in batch:  # --augment-on gpu, as ICHDataModule.on_after_batch_transfer does it
+                image = DeviceAugmentation.apply(image, batch["augment"])
+            train_step(image, batch["target"].to(device, non_blocking=True))
 
         real_rate = timed_steps(real_step, args, device)
         random_rate = timed_steps(lambda: train_step(images, target), args, device)
         result["loader_vs_random"] = {
-            "workers": loader.num_workers, "real_images_per_s": round(real_rate, 2),
+            "workers": loader.num_workers, "augment_on": args.augment_on, "real_images_per_s": round(real_rate, 2),
             "random_images_per_s": round(random_rate, 2), "ratio": round(real_rate / random_rate, 3),
         }
     return result
@@ -249,7 +260,7 @@ def endless(loader: DataLoader) -> Iterator[dict]:
 
 def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Namespace, device: torch.device) -> DataLoader:
     """The training DataLoader over the cache, as `trainer=gpu data.cache=true` builds it."""
-    augment = default_augmentation()
+    augment = default_augmentation(on=args.augment_on)
     targets = (np.arange(len(index)) % 2).astype(np.float32)[:, None]
     dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(),
                            CacheLoader(cache, tuple(parse_windows(list(WINDOW_NAMES)))), augment)
@@ -291,6 +302,7 @@ def projection(result: dict, cores: int, on_gpu: bool) -> dict:
         "loader_cores": workers,
         "epoch_hours_dicom_path": epoch_hours(rates["loader_dicom_augmented"]),
         "epoch_hours_cache_path": epoch_hours(rates["loader_cache_augmented"]),
+        "epoch_hours_cache_path_augment_on_gpu": epoch_hours(rates["loader_cache_augment_on_gpu"]),
         "epoch_hours_model_alone": round(RSNA_SLICES / train / 3600, 2),
     }
     if result["cache_build"]:
@@ -327,7 +339,8 @@ def print_table(result: dict) -> None:
           f"{model['forward_gflops_per_image']:.2f} GFLOP per image forward")
     if "loader_vs_random" in model:
         compared = model["loader_vs_random"]
-        print(f"  real batches ({compared['workers']} workers) {compared['real_images_per_s']:.1f} images/s vs "
+        print(f"  real batches ({compared['workers']} workers, augmented on the {compared['augment_on']}) "
+              f"{compared['real_images_per_s']:.1f} images/s vs "
               f"random tensors on the device {compared['random_images_per_s']:.1f}: {compared['ratio']:.2f}")
     for name, check in result["targets"].items():
         print(f"target {name}: {check['ratio']}x (want >= {check['target']}): {'met' if check['met'] else 'NOT met'}")
@@ -355,6 +368,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-loader", action=argparse.BooleanOptionalAction, default=None,
                         help="train on cached batches and on random tensors on the device (default: on a GPU)")
     parser.add_argument("--loader-workers", default="auto", help="DataLoader processes of --compare-loader")
+    parser.add_argument("--augment-on", choices=("cpu", "gpu"), default="cpu",
+                        help="where --compare-loader augments: loader workers (cpu) or the device (gpu)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the phantom and cache here (default: a temporary folder)")
     parser.add_argument("--malloc-defaults", action="store_true",

@@ -19,6 +19,7 @@ from omegaconf import DictConfig  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from torchmetrics.utilities import dim_zero_cat  # noqa: E402
 
+from ich.data.windows import to_unit_float  # noqa: E402
 from ich.evaluate import save_figures  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _display_channel(images: torch.Tensor, trainer: pl.Trainer) -> torch.Tensor:
     """The centre slice's first window (the brain window by default): channels run neighbour by neighbour."""
     datamodule = trainer.datamodule
     channel = datamodule.context * len(datamodule.windows) if hasattr(datamodule, "windows") else 0
-    return images[:, channel].float()
+    return to_unit_float(images[:, channel])
 
 
 def save_slice_grid(path: Path, slices: np.ndarray, targets: np.ndarray, probs: np.ndarray, names: tuple[str, ...],

@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric
 
 from ich.metrics import build_metrics
 from ich.models import build_head, create_backbone
+from ich.data.windows import to_unit_float
 from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class ICHLitModule(pl.LightningModule):
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", build_metrics(self.task, threshold, prefix=f"{stage}/"))
         self.val_auroc_best = MaxMetric(nan_strategy="ignore")
+        self.val_auroc_best.persistent(True)  # in the checkpoint: a resumed run remembers its best epoch
         self.set_freeze(freeze)
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -88,9 +90,11 @@ class ICHLitModule(pl.LightningModule):
             self.backbone.compile()  # in place: state-dict keys stay those of the plain backbone
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_outputs]."""
-        if self.hparams.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        """Logits [B, num_outputs] of images [B, C, H, W]: windowed uint8 as the data modules give, or floats in [0, 1]."""
+        # Batches arrive laid out channels-last (see collate_skipping); the plain layout is restored for
+        # models that were not converted, so either way input and weights agree.
+        layout = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+        image = to_unit_float(image).contiguous(memory_format=layout)
         return self.head(self.backbone(image))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,6 @@ class ICHLitModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # Applied here rather than at construction: Lightning warns about modules in eval mode just before.
         self.train()
-        self.val_auroc_best.reset()  # forget the sanity check
 
     def on_train_epoch_start(self) -> None:
         """Head first, then everything (fastai style): unfreeze at `unfreeze_at_epoch`, also after a resume."""
@@ -168,8 +171,9 @@ class ICHLitModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val")
-        self.val_auroc_best(values["val/auroc"])
-        self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
+        if not self.trainer.sanity_checking:  # the untrained model's AUROC is no epoch's best
+            self.val_auroc_best(values["val/auroc"])
+            self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

@@ -48,12 +48,6 @@ def test_cache_gives_the_dicom_paths_tensors(cache_dir, tmp_path, monkeypatch, c
     assert batch["image"].shape[1:] == (3 * (2 * context + 1), 64, 64)
 
 
-def test_windowing_int16_hu_by_table_matches_the_arithmetic():
-    hu = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16).reshape(256, 256)
-    windows = parse_windows(["brain", "subdural", "soft", [600, 2800]])
-    assert np.array_equal(window_stack(hu, windows), window_stack(hu.astype(np.float32), windows))
-
-
 def test_changed_settings_build_another_cache(cache_dir, tmp_path, monkeypatch):
     index = phantom_index(cache_dir, tmp_path)
     small = load_or_build_cache(index, tmp_path, 32, workers=1)

@@ -117,9 +117,10 @@ def test_index_is_reused_when_nothing_changed(cache_dir, tmp_path):
 def test_each_task_gets_its_targets(cache_dir, tmp_path, task, shape, dtype):
     dm = make_datamodule(cache_dir, tmp_path, task=task)
     batch = next(iter(dm.val_dataloader()))
-    assert batch["image"].shape[1:] == (3, 64, 64) and batch["image"].dtype == torch.float32
+    # windowed uint8, laid out channels-last: a quarter of float32's bytes to the GPU, in the layout it convolves fastest
+    assert batch["image"].shape[1:] == (3, 64, 64) and batch["image"].dtype == torch.uint8
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["target"].shape[1:] == shape and batch["target"].dtype == dtype
-    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
     train = dm.tables["train"]
     if task == "subtype":
         assert (train[list(SUBTYPES)].sum(axis=1) == 1).all(), "subtype keeps single-subtype positives only"
@@ -173,8 +174,8 @@ def test_augmentation_touches_training_slices_only(cache_dir, tmp_path):
     dm = make_datamodule(cache_dir, tmp_path, augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0, "brightness_contrast_p": 0.0})
     assert torch.equal(dm.datasets["val"][0]["image"], dm.datasets["val"][0]["image"])
     train = dm.datasets["train"]
-    plain = train.loader(train.stacks[0][0]).transpose(2, 0, 1)
-    assert np.allclose(train[0]["image"].numpy(), plain[:, :, ::-1])
+    plain = np.stack(train.loader(train.stacks[0][0]))
+    assert np.array_equal(train[0]["image"].numpy(), plain[:, :, ::-1])
 
 
 def test_class_weights_follow_the_training_split(cache_dir, tmp_path):
@@ -193,7 +194,7 @@ def test_images_source_reads_windowed_pngs_and_counts_missing_files(cache_dir, t
     dm = make_datamodule(cache_dir, tmp_path, windows=["brain"])
     rows = []
     for i, row in dm.tables["train"].head(12).iterrows():
-        image = (dm.datasets["train"].loader(row["path"])[..., 0] * 255).astype(np.uint8)
+        image = dm.datasets["train"].loader(row["path"])[0]
         cv2.imwrite(str(tmp_path / f"{row['image_id']}.png"), image)
         rows.append({"filename": f"{row['image_id']}.png", "patient": f"p{i % 6}", "any": row["any"]})
     rows.append({"filename": "ghost.png", "patient": "p0", "any": 0})
@@ -213,3 +214,67 @@ def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
         ICHDataModule(source="rsna")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ICHDataModule(source="rsna", root=str(tmp_path / "nowhere"), cache_dir=str(tmp_path)).prepare_data()
+
+
+def _params(rows: int, **changed) -> torch.Tensor:
+    """Identity augmentation parameters for `rows` slices, with {name: (row, value)} changes."""
+    from ich.data.augment import _IDENTITY, PARAMS
+
+    params = torch.from_numpy(np.tile(_IDENTITY, (rows, 1)))
+    for name, (row, value) in changed.items():
+        params[row, PARAMS.index(name)] = value
+    return params
+
+
+def test_device_augmentation_flips_turns_and_leaves_untouched_slices_alone():
+    from ich.data.augment import DeviceAugmentation
+
+    images = torch.rand(3, 3, 16, 16)
+    out = DeviceAugmentation.apply(images, _params(3, flip=(0, 1.0), angle=(1, 90.0)))
+    assert torch.equal(out[0], images[0].flip(-1))
+    torch.testing.assert_close(out[1], torch.rot90(images[1], k=-1, dims=(1, 2)))  # a quarter turn moves pixel centres onto pixel centres
+    assert torch.equal(out[2], images[2])
+
+
+def test_device_augmentation_blurs_and_shifts_brightness_within_0_1():
+    from ich.data.augment import DeviceAugmentation
+
+    images = torch.rand(2, 3, 32, 32)
+    out = DeviceAugmentation.apply(images, _params(2, blur_sigma=(0, 1.0), contrast=(1, 1.5), brightness=(1, 0.2)))
+    assert out[0].std() < 0.6 * images[0].std()  # noise averaged away
+    assert abs(float(out[0].mean() - images[0].mean())) < 0.01  # a blur moves no brightness
+    torch.testing.assert_close(out[1], (images[1] * 1.5 + 0.2).clamp(0, 1))
+
+
+def test_augment_on_gpu_draws_in_the_loader_and_augments_training_batches_after_the_copy(cache_dir, tmp_path):
+    """data.augment_on=gpu: workers only read and window; Lightning's after-transfer hook augments, seeded as on the CPU."""
+    import pytorch_lightning as pl
+
+    from ich.module import ICHLitModule
+
+    dm = make_datamodule(cache_dir, tmp_path, augment_on="gpu", augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0,
+                                                                          "brightness_contrast_p": 0.0})
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    assert batch["augment"].shape == (len(batch["image"]), 7) and torch.equal(batch["augment"], next(iter(loader))["augment"])
+    plain = batch["image"].clone()
+    augmented = dm.on_after_batch_transfer(batch, 0)
+    assert "augment" not in augmented and augmented["image"].dtype == torch.float32
+    torch.testing.assert_close(augmented["image"], plain.flip(-1).float() / 255)
+    assert "augment" not in next(iter(dm.val_dataloader()))
+
+    seen = []
+
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((batch["image"].dtype, "augment" in batch))
+
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
+    trainer.fit(ICHLitModule(backbone="test_resnet", pretrained=False), datamodule=dm)
+    assert seen == [(torch.float32, False)]
+
+
+def test_unknown_augment_on_is_one_sentence():
+    with pytest.raises(ValueError, match="use cpu .* or gpu"):
+        ICHDataModule(augment_on="tpu")

@@ -145,7 +145,7 @@ def test_a_slice_that_breaks_mid_epoch_is_skipped_not_fatal(tmp_path, caplog):
     dataset = SliceDataset(stacks, np.zeros((2, 1), np.float32), ["good", "broken"], ImageLoader(32))
     batch = collate_skipping([dataset[0], dataset[1]])
     assert batch["image_id"] == ["good"] and batch["image"].shape == (1, 3, 32, 32)
-    assert torch.allclose(batch["image"], torch.full_like(batch["image"], 128 / 255))
+    assert torch.equal(batch["image"], torch.full_like(batch["image"], 128))
     assert "Skipping broken" in caplog.text
 
 

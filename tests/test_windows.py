@@ -1,23 +1,35 @@
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from ich.data.windows import WINDOWS, Window, parse_windows, window_stack
+from ich.data.windows import WINDOWS, Window, parse_windows, to_unit_float, window_stack
 
 
-def test_brain_window_maps_its_range_to_unit_interval_and_clips_outside():
-    hu = np.array([-1024, -100, 0, 20, 40, 60, 80, 200, 3071], dtype=np.float32)
+def test_brain_window_maps_its_range_to_0_255_and_clips_outside():
+    hu = np.array([-1024, -100, 0, 20, 40, 60, 80, 200, 3071], dtype=np.int16)
     out = Window(*WINDOWS["brain"])(hu)
-    np.testing.assert_allclose(out, [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1], atol=1e-6)
-    assert out.dtype == np.float32
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [0, 0, 0, 64, 128, 191, 255, 255, 255])
 
 
-@pytest.mark.parametrize("dtype", [np.int16, np.float64])
-def test_window_output_is_float32_whatever_the_input_dtype(dtype):
-    hu = np.array([[0, 40], [80, 120]], dtype=dtype)
+@pytest.mark.parametrize("window", [(40, 80), (80, 200), (600, 2800), (40, 75), (40.5, 80), (-3.25, 7)])
+def test_every_whole_hu_is_windowed_to_the_nearest_level(window):
+    """Integral low edges take the fast clamp-and-scale path, fractional ones the general one: both round to nearest."""
+    hu = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)  # every int16, extremes included
+    center, width = window
+    exact = np.clip((hu - (center - width / 2)) * 255 / width, 0, 255)
+    out = Window(center, width)(hu)
+    assert np.abs(out - exact).max() <= 0.5 + 1e-6  # ties may round either way
+    assert out[0] == 0 and out[-1] == 255
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_other_dtypes_are_rounded_to_whole_hu_first(dtype):
+    hu = np.array([[0, 40.4], [79.6, 120]], dtype=dtype)
     out = Window(40, 80)(hu)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, [[0, 0.5], [1, 1]])
+    assert out.dtype == np.uint8 and out.shape == (2, 2)
+    np.testing.assert_array_equal(out, Window(40, 80)(np.rint(hu).astype(np.int16)))
 
 
 def test_window_rejects_non_positive_width():
@@ -49,24 +61,17 @@ def test_parse_windows_rejects_bad_pairs_and_empty_lists(spec):
         parse_windows(spec)
 
 
-def test_window_stack_gives_one_float32_channel_per_window():
-    hu = np.random.default_rng(0).uniform(-1024, 3071, (24, 32)).astype(np.float32)
+def test_window_stack_gives_one_uint8_channel_per_window():
+    hu = np.random.default_rng(0).integers(-1024, 3071, (24, 32)).astype(np.int16)
     windows = parse_windows(["brain", "subdural", "bone"])
     stack = window_stack(hu, windows)
-    assert stack.shape == (24, 32, 3) and stack.dtype == np.float32
+    assert stack.shape == (24, 32, 3) and stack.dtype == np.uint8
     for channel, window in enumerate(windows):
         np.testing.assert_array_equal(stack[..., channel], window(hu))
-    assert 0.0 <= stack.min() and stack.max() <= 1.0
 
 
-def test_window_stack_fills_the_given_buffer():
-    hu = np.zeros((8, 8), dtype=np.float32)
-    out = np.full((8, 8, 2), np.nan, dtype=np.float32)
-    assert window_stack(hu, parse_windows(["brain", "bone"]), out=out) is out
-    np.testing.assert_allclose(out[..., 0], 0.0)
-    np.testing.assert_allclose(out[..., 1], (0 - (600 - 1400)) / 2800)
-
-
-def test_window_stack_rejects_a_buffer_of_the_wrong_shape():
-    with pytest.raises(ValueError, match="shape"):
-        window_stack(np.zeros((8, 8), np.float32), [Window(40, 80)], out=np.empty((8, 8, 3), np.float32))
+def test_to_unit_float_maps_levels_to_0_1_and_leaves_floats_alone():
+    levels = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    torch.testing.assert_close(to_unit_float(levels), torch.tensor([0.0, 0.2, 1.0]))
+    floats = torch.rand(3)
+    assert to_unit_float(floats) is floats

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ich.data.datamodule import ICHDataModule
 from ich.data.dataset import SliceDataset
 from ich.data.splits import STAGES
+from ich.data.windows import to_unit_float
 from ich.results import print_metrics, write_json
 from ich.train import build_datamodule
 
@@ -186,7 +187,7 @@ def extract_split(
     extractor = extractor.to(device).eval()
     features, targets, ids = [], [], []
     for batch in track(loader, description=f"{stage} features", total=len(loader)):
-        features.append(extractor(batch["image"].to(device)).float().cpu().numpy())
+        features.append(extractor(to_unit_float(batch["image"].to(device))).float().cpu().numpy())
         targets.append(batch["target"].numpy())
         ids += list(batch["image_id"])
     if not features:

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ich.data.augment import build_augmentation
+from ich.data.augment import DeviceAugmentation, build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.dataset import (
     CacheLoader,
@@ -34,7 +34,7 @@ from ich.data.dataset import (
 from ich.data.index import IndexSummary, load_or_build_index
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
-from ich.data.windows import parse_windows
+from ich.data.windows import parse_windows, to_unit_float
 from ich.privacy import pseudonym
 from ich.tasks import SUBTYPES, Task, get_task
 
@@ -125,6 +125,7 @@ class ICHDataModule(pl.LightningDataModule):
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         augment: dict | None = None,
+        augment_on: str = "cpu",
         phantom: dict | None = None,
         output_dir: str | None = None,
     ):
@@ -141,6 +142,8 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
         if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
             raise ValueError(f"data.num_workers={num_workers!r}: give a number of processes (0 = none) or auto.")
+        if augment_on not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment_on={augment_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
             raise ValueError(f"data.pin_memory={pin_memory!r}: use true, false or auto (true when CUDA is available).")
         self.task = get_task(task)
@@ -153,7 +156,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
         self.balance, self.balance_ratio = balance, float(balance_ratio)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
-        self.augment = dict(augment or {})
+        self.augment, self.augment_on = dict(augment or {}), augment_on
         self.phantom = dict(phantom or {})
         self.output_dir = Path(output_dir) if output_dir else None
         self.datasets: dict[str, SliceDataset] = {}
@@ -244,7 +247,7 @@ class ICHDataModule(pl.LightningDataModule):
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
         loader = self._loader(table, cache)
-        augmentation = build_augmentation(**self.augment)
+        augmentation = DeviceAugmentation(**self.augment) if self.augment_on == "gpu" else build_augmentation(**self.augment)
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
@@ -296,6 +299,13 @@ class ICHDataModule(pl.LightningDataModule):
         """Cross-entropy weights inversely proportional to class frequency on the training split."""
         counts = np.bincount(self.datasets["train"].targets, minlength=self.task.num_outputs)
         return (counts.sum() / (self.task.num_outputs * np.maximum(counts, 1))).tolist()
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """With data.augment_on=gpu, training batches carry their slices' augmentation, applied here on the device."""
+        params = batch.pop("augment", None)
+        if params is not None:
+            batch["image"] = DeviceAugmentation.apply(to_unit_float(batch["image"]), params)
+        return batch
 
     # -- loaders --------------------------------------------------------------------------------
     def _dataloader(self, stage: str, shuffle: bool) -> DataLoader:

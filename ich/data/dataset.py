@@ -1,19 +1,21 @@
-"""Slices of one split as tensors: read, window, stack the context slices, augment."""
+"""Slices of one split as uint8 tensors: read, window, stack the context slices, augment."""
 
 import ctypes
 import logging
 import os
 from dataclasses import dataclass
 
+import albumentations as A
 import cv2
 import numpy as np
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from ich.data.augment import DeviceAugmentation
 from ich.data.cache import SliceCache
 from ich.data.dicom import DicomReadError, read_hu_square
-from ich.data.windows import Window, window_stack
+from ich.data.windows import Window, merge_channels, window_planes
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @dataclass(frozen=True)
 class DicomLoader:
-    """DICOM -> int16 HU on a square of `size` -> one channel per window."""
+    """DICOM -> int16 HU on a square of `size` -> one uint8 plane per window."""
 
     windows: tuple[Window, ...]
     size: int
@@ -32,13 +34,13 @@ class DicomLoader:
     def channels(self) -> int:
         return len(self.windows)
 
-    def __call__(self, path: str) -> np.ndarray:
-        return window_stack(read_hu_square(path, self.size), self.windows)
+    def __call__(self, path: str) -> list[np.ndarray]:
+        return window_planes(read_hu_square(path, self.size), self.windows)
 
 
 @dataclass(frozen=True)
 class CacheLoader:
-    """A row of the slice cache -> one channel per window: the DicomLoader's result, without the DICOM."""
+    """A row of the slice cache -> one uint8 plane per window: the DicomLoader's result, without the DICOM."""
 
     cache: SliceCache
     windows: tuple[Window, ...]
@@ -47,28 +49,28 @@ class CacheLoader:
     def channels(self) -> int:
         return len(self.windows)
 
-    def __call__(self, row: int) -> np.ndarray:
-        return window_stack(self.cache.hu(row), self.windows)
+    def __call__(self, row: int) -> list[np.ndarray]:
+        return window_planes(self.cache.hu(row), self.windows)
 
 
 @dataclass(frozen=True)
 class ImageLoader:
-    """An already windowed PNG/JPG slice -> float image in [0, 1] of `size`, channels kept."""
+    """An already windowed PNG/JPG slice -> its channels as uint8 planes of `size` (16-bit images scaled to 8)."""
 
     size: int
     channels: int = 1
 
-    def __call__(self, path: str) -> np.ndarray:
+    def __call__(self, path: str) -> list[np.ndarray]:
         image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         if image is None:
             raise OSError(f"{path} is not a readable PNG/JPG image.")
-        scale = 65535.0 if image.dtype == np.uint16 else 255.0
-        image = image[..., None] if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        if image.shape[2] != self.channels:
+        if image.dtype == np.uint16:
+            image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
+        planes = [image] if image.ndim == 2 else list(reversed(cv2.split(image)[:3]))  # BGR(A) -> RGB
+        if len(planes) != self.channels:
             # grayscale stored as RGB (or the other way round): keep what the dataset was declared with
-            image = image[..., :1] if self.channels == 1 else np.repeat(image[..., :1], self.channels, axis=2)
-        resized = cv2.resize(image.astype(np.float32) / scale, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return resized.reshape(self.size, self.size, self.channels)
+            planes = planes[: self.channels] if self.channels == 1 else planes[:1] * self.channels
+        return [cv2.resize(plane, (self.size, self.size), interpolation=cv2.INTER_AREA) for plane in planes]
 
 
 class SliceDataset(Dataset):
@@ -79,8 +81,9 @@ class SliceDataset(Dataset):
             (one entry without context).
         targets: per item the target row (float labels, or a class index for subtype).
         image_ids: per item the id reported in predictions.
-        loader: turns one entry of a stack into an HxWxC float image.
-        transform: an albumentations pipeline, or None for validation and test.
+        loader: turns one entry of a stack into HxW uint8 planes, one per channel.
+        transform: an albumentations pipeline (applied here), a DeviceAugmentation (its parameters drawn
+            here, applied to the batch on the GPU), or None for validation and test.
     """
 
     def __init__(
@@ -103,16 +106,19 @@ class SliceDataset(Dataset):
         return max(3, self.loader.channels * len(self.stacks[0])) if self.stacks else 0
 
     def image(self, i: int, epoch: int | None = None) -> np.ndarray:
-        """Slice `i` as CxHxW; with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
-        parts = [self.loader(key) for key in self.stacks[i]]
-        image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
-        if image.shape[2] == 1:
-            image = np.repeat(image, 3, axis=2)  # one window: three identical channels for ImageNet stems
-        if self.transform is not None:
+        """Slice `i` as an HxWxC uint8 image; with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
+        planes = [plane for key in self.stacks[i] for plane in self.loader(key)]
+        if len(planes) == 1:
+            planes *= 3  # one window: three identical channels for ImageNet stems
+        image = merge_channels(planes)
+        if isinstance(self.transform, A.BaseCompose):
             if epoch is not None:
-                self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
-            image = np.clip(self.transform(image=image)["image"], 0.0, 1.0)
-        return np.ascontiguousarray(image.transpose(2, 0, 1))
+                self.transform.set_random_seed(self._seed(i, epoch))
+            image = self.transform(image=image)["image"]
+        return np.ascontiguousarray(image)
+
+    def _seed(self, i: int, epoch: int) -> int:
+        return int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         epoch, i = key if isinstance(key, tuple) else (None, key)
@@ -122,7 +128,14 @@ class SliceDataset(Dataset):
             # The index read every file once; a file failing now changed on disk. Skip the slice, say which.
             log.warning("Skipping %s in this batch: %s", self.image_ids[i], err)
             return None
-        return {"image": torch.from_numpy(image), "target": torch.as_tensor(self.targets[i]), "image_id": self.image_ids[i]}
+        # CxHxW as the models take it, over HxWxC memory: collate_skipping copies each in one piece.
+        item = {"image": torch.from_numpy(image).permute(2, 0, 1), "target": torch.as_tensor(self.targets[i]),
+                "image_id": self.image_ids[i]}
+        if isinstance(self.transform, DeviceAugmentation):
+            # The parameters only; ICHDataModule.on_after_batch_transfer moves the pixels on the GPU.
+            rng = np.random.default_rng(None if epoch is None else self._seed(i, epoch))
+            item["augment"] = torch.from_numpy(self.transform.draw(rng))
+        return item
 
 
 class EpochShuffle(DistributedSampler):
@@ -144,11 +157,17 @@ class EpochShuffle(DistributedSampler):
 
 
 def collate_skipping(items: list[dict | None]) -> dict:
-    """Batch the slices that could be read; an unreadable one was already reported by the dataset."""
+    """Batch the slices that could be read; an unreadable one was already reported by the dataset.
+
+    Images are stacked as NxHxWxC, one contiguous copy per slice, and handed on viewed as NxCxHxW:
+    the channels-last layout that GPUs convolve fastest and `.to(device)` keeps.
+    """
     kept = [item for item in items if item is not None]
     if not kept:
         raise RuntimeError("Every slice of a batch failed to read: the data folder changed since it was indexed; run ich.prepare again.")
-    return default_collate(kept)
+    batch = default_collate([{key: value for key, value in item.items() if key != "image"} for item in kept])
+    batch["image"] = default_collate([item["image"].permute(1, 2, 0) for item in kept]).permute(0, 3, 1, 2)
+    return batch
 
 
 def reuse_freed_memory() -> None:

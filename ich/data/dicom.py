@@ -135,8 +135,8 @@ def read_hu(path: str | Path) -> np.ndarray:
 def read_hu_square(path: str | Path, size: int) -> np.ndarray:
     """Read a slice as size x size int16 HU: the pixels training windows and the slice cache stores.
 
-    HU are rounded after resizing: CT stores whole HU, and int16 halves the cache and lets
-    window_stack use its lookup table.
+    HU are rounded after resizing: CT stores whole HU, int16 halves the cache, and windowing
+    whole HU is one vectorised integer pass per window.
     """
     square = fit_to_square(read_hu(path), size)  # a new array: rounding it in place is safe
     return np.rint(square, out=square).astype(np.int16)
