@@ -45,7 +45,7 @@ from ich.data.windows import WINDOWS, parse_windows, to_unit_float, window_stack
 WINDOW_NAMES = ("brain", "subdural", "bone")
 SLICES_PER_SERIES = 20
 RSNA_SLICES = 752_803  # stage 2 training set
-TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9}
+TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "cache_window8_vs_dicom": 10.0, "real_vs_random": 0.9}
 
 
 def naive(path: Path, size: int) -> np.ndarray:
@@ -133,9 +133,9 @@ def phantom_index(workdir: Path, slices: int, dicom_size: int) -> pd.DataFrame:
     return index.head(slices).reset_index(drop=True)
 
 
-def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
+def per_core(index: pd.DataFrame, cache: SliceCache, cache8: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
     """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation."""
-    windows = tuple(parse_windows(list(WINDOW_NAMES)))
+    windows = cache8.windows
     paths = index["path"].tolist()
     dicom = DicomLoader(windows, args.size)
     augment = default_augmentation()
@@ -147,6 +147,7 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
         "loader_dicom_augmented": SliceDataset(by_path, targets, ids, dicom, augment),
         "loader_cache": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows)),
         "loader_cache_augmented": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows), augment),
+        "loader_cache_window8": SliceDataset(by_row, targets, ids, CacheLoader(cache8, windows)),
         # data.augment_on=gpu: the workers draw each slice's parameters, the GPU moves the pixels
         "loader_cache_augment_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows),
                                                     default_augmentation(on="gpu")),
@@ -315,6 +316,7 @@ def target_checks(result: dict) -> dict:
     ratios = {
         "dicom_vs_naive": rates["dicom_ich"] / rates["dicom_naive"],
         "cache_vs_dicom": rates["loader_cache"] / rates["loader_dicom"],
+        "cache_window8_vs_dicom": rates["loader_cache_window8"] / rates["loader_dicom"],
     }
     compared = result["model"].get("loader_vs_random")
     if compared:
@@ -401,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cache = load_or_build_cache(index, workdir, args.size)
         built = time.perf_counter() - start
         cache_build = {"images_per_s": round(len(index) / built, 1), "cores": cores} if fresh else None
-        rates = per_core(index, cache, args)
+        cache8 = load_or_build_cache(index, workdir, args.size, cache_format="window8",
+                                     windows=tuple(parse_windows(list(WINDOW_NAMES))))
+        rates = per_core(index, cache, cache8, args)
         torch.set_num_threads(args.threads or cores)
         loader = training_loader(cache, index, args, device) if compare else None
         model = model_speed(args, device, loader)

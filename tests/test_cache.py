@@ -15,7 +15,7 @@ from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import CacheLoader, SliceDataset
 from ich.data.dicom import DicomReadError, read_hu_square
-from ich.data.windows import parse_windows, window_stack
+from ich.data.windows import Window, parse_windows
 from conftest import PHANTOM, SMALL_PHANTOM, compose_config
 from conftest import make_datamodule as datamodule
 
@@ -30,12 +30,12 @@ def unaugmented_items(dataset: SliceDataset) -> list[dict]:
     return [plain[i] for i in range(len(plain))]
 
 
-@pytest.mark.parametrize("context", [0, 1])
-def test_cache_gives_the_dicom_paths_tensors(cache_dir, tmp_path, monkeypatch, context):
+@pytest.mark.parametrize("context, cache_format", [(0, "hu16"), (1, "hu16"), (1, "window8")])
+def test_cache_gives_the_dicom_paths_tensors(cache_dir, tmp_path, monkeypatch, context, cache_format):
     windows = ["brain", "subdural", [600, 2800]]
     dicom = datamodule(cache_dir, tmp_path, context=context, windows=windows)
     from_dicom = {stage: unaugmented_items(dataset) for stage, dataset in dicom.datasets.items()}
-    cached = datamodule(cache_dir, tmp_path, context=context, windows=windows, cache=True)
+    cached = datamodule(cache_dir, tmp_path, context=context, windows=windows, cache=True, cache_format=cache_format)
     # From here on no DICOM may be read: the cached data module must not need them.
     monkeypatch.setattr("ich.data.dataset.read_hu_square", lambda *args: pytest.fail("read a DICOM"))
     for stage in ("train", "val", "test"):
@@ -53,10 +53,16 @@ def test_changed_settings_build_another_cache(cache_dir, tmp_path, monkeypatch):
     small = load_or_build_cache(index, tmp_path, 32, workers=1)
     assert load_or_build_cache(index, tmp_path, 32, workers=1).folder == small.folder  # same settings: reused
     larger = load_or_build_cache(index, tmp_path, 48, workers=1)
-    assert larger.folder != small.folder and larger.hu(0).shape == (48, 48)
+    assert larger.folder != small.folder and larger.row(0).shape == (48, 48)
     fewer = load_or_build_cache(index.iloc[1:].reset_index(drop=True), tmp_path, 32, workers=1)
     assert fewer.folder != small.folder
-    assert np.array_equal(fewer.hu(0), small.hu(1))  # rows follow the index it was built from
+    assert np.array_equal(fewer.row(0), small.row(1))  # rows follow the index it was built from
+    brain = load_or_build_cache(index, tmp_path, 32, workers=1, cache_format="window8", windows=(Window(40, 80),))
+    assert brain.folder != small.folder and brain.row(0).shape == (1, 32, 32) and brain.row(0).dtype == np.uint8
+    bone = load_or_build_cache(index, tmp_path, 32, workers=1, cache_format="window8", windows=(Window(600, 2800),))
+    assert bone.folder != brain.folder  # window8 holds its windows: others need another cache
+    with pytest.raises(ValueError, match="holds other windows than data.windows"):
+        CacheLoader(bone, (Window(40, 80),))
     monkeypatch.setattr(cache_module, "READER_VERSION", cache_module.READER_VERSION + 1)
     assert load_or_build_cache(index, tmp_path, 32, workers=1).folder not in {small.folder, fewer.folder}
     assert json.loads((small.folder / "settings.json").read_text())["image_size"] == 32
@@ -91,7 +97,7 @@ def test_interrupted_build_resumes_and_never_trusts_a_partial_shard(cache_dir, t
         assert (folder / name).stat().st_mtime_ns == before.st_mtime_ns
     assert not list(folder.glob(".*.tmp"))
     for row, path in enumerate(index["path"]):
-        assert np.array_equal(cache.hu(row), read_hu_square(path, 32))
+        assert np.array_equal(cache.row(row), read_hu_square(path, 32))
 
 
 def test_a_damaged_shard_is_written_again(cache_dir, tmp_path):
@@ -102,7 +108,7 @@ def test_a_damaged_shard_is_written_again(cache_dir, tmp_path):
     with pytest.raises(ValueError, match="not a complete slice cache"):
         SliceCache(cache.folder)
     again = load_or_build_cache(index, tmp_path, 32, workers=1)
-    assert np.array_equal(again.hu(20), read_hu_square(index["path"][20], 32))
+    assert np.array_equal(again.row(20), read_hu_square(index["path"][20], 32))
 
 
 def test_slices_failing_during_caching_are_counted_and_skipped(cache_dir, tmp_path, caplog):
@@ -117,7 +123,7 @@ def test_slices_failing_during_caching_are_counted_and_skipped(cache_dir, tmp_pa
     assert broken in caplog.text and (cache.folder / "failed.csv").is_file()
     assert "failed (unreadable): 1" in cache.lines()
     with pytest.raises(DicomReadError):
-        cache.hu(5)
+        cache.row(5)
     dataset = SliceDataset([[row] for row in range(12)], np.zeros((12, 1), np.float32), index["image_id"].tolist(),
                            CacheLoader(cache, tuple(parse_windows(["brain"]))))
     assert dataset[5] is None and dataset[4] is not None  # skipped with a warning, like an unreadable DICOM

@@ -1,15 +1,20 @@
-"""The slice cache: every indexed slice converted once into int16 HU at the training size.
+"""The slice cache: every indexed slice converted once, at the training size, in one of two formats.
+
+- `hu16`: int16 HU (128 KB a slice at 256 px). The windows are applied after the cache, so they
+  stay configurable; windowing is then the only work per slice besides augmentation.
+- `window8`: the slice already windowed, one uint8 plane per window of data.windows (64 KB per window
+  and slice at 256 px). Nothing is left to compute; a change of windows builds another cache.
 
 Reading a 512x512 DICOM costs about a millisecond of CPU (parse, decode, rescale, resize); a row of a
-memory-mapped shard costs microseconds, which leaves windowing and augmentation as the only work per
-epoch. The windows are applied after the cache, so they stay configurable.
+memory-mapped shard costs microseconds.
 
 One folder per preprocessing setting, named by the hash of those settings, so that a changed setting
 builds a new cache instead of reading stale pixels:
 
     slices-<hash>/settings.json    what the pixels depend on: size, format, reader version, the index
     slices-<hash>/slices.parquet   image_id, path, row, shard and offset in it of every slice, in index order
-    slices-<hash>/shard-00000.npy  (rows, size, size) int16, written under a temporary name, renamed when full
+    slices-<hash>/shard-00000.npy  (rows, size, size) int16 or (rows, windows, size, size) uint8, written
+                                   under a temporary name, renamed when full
     slices-<hash>/manifest.json    the shards known complete, and the slices that failed in each
 
 Only shards listed in the manifest are trusted: an interrupted build resumes with the missing shards
@@ -33,28 +38,57 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ich.data.dicom import AIR_HU, READER_VERSION, DicomReadError, read_hu_square
+from ich.data.windows import Window, window_planes
 from ich.results import write_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "hu16"
+CACHE_FORMATS = ("hu16", "window8")
 CACHE_VERSION = 1
 # Large enough that RSNA at 256 px is ~200 files, small enough that a resume redoes little.
 SHARD_BYTES = 512 << 20
 MANIFEST = "manifest.json"
 
 
-def cache_settings(index: pd.DataFrame, image_size: int) -> dict:
+def cache_settings(index: pd.DataFrame, image_size: int, cache_format: str = "hu16",
+                   windows: tuple[Window, ...] = ()) -> dict:
     """What the cached pixels depend on; a change in any of them means another cache folder."""
+    check_format(cache_format)
     paths = "\n".join(index["path"]).encode()
-    return {
-        "format": CACHE_FORMAT,
+    settings = {
+        "format": cache_format,
         "version": CACHE_VERSION,
         "reader": READER_VERSION,
         "image_size": int(image_size),
         "slices": len(index),
         "index": hashlib.sha1(paths).hexdigest(),  # the files and their order: rows follow the index
     }
+    if cache_format == "window8":
+        settings["windows"] = [[float(w.center), float(w.width)] for w in windows]
+    return settings
+
+
+def check_format(cache_format: str) -> None:
+    if cache_format not in CACHE_FORMATS:
+        raise ValueError(f"data.cache_format={cache_format!r}: use hu16 (windows stay free) or window8 (fastest, windows fixed).")
+
+
+def row_layout(settings: dict) -> tuple[tuple[int, ...], type]:
+    """Shape and dtype of one slice in a cache of these settings."""
+    size = settings["image_size"]
+    if settings["format"] == "window8":
+        return (len(settings["windows"]), size, size), np.uint8
+    return (size, size), np.int16
+
+
+def convert_slice(path: str, settings: dict) -> np.ndarray:
+    """One slice as the cache stores it."""
+    hu = read_hu_square(path, settings["image_size"])
+    return np.stack(window_planes(hu, _windows(settings))) if settings["format"] == "window8" else hu
+
+
+def _windows(settings: dict) -> list[Window]:
+    return [Window(center, width) for center, width in settings.get("windows", [])]
 
 
 def cache_folder(cache_dir: Path, settings: dict) -> Path:
@@ -81,6 +115,7 @@ class SliceCache:
                 "with the same data settings to finish it."
             )
         self.settings: dict = manifest["settings"]
+        self.format: str = self.settings["format"]
         self.size: int = self.settings["image_size"]
         self.slices: int = self.settings["slices"]
         self.shard_rows: int = manifest["shard_rows"]
@@ -91,8 +126,14 @@ class SliceCache:
         # Memory maps stay in the process that opened them; a worker maps the shards again.
         return {**self.__dict__, "_shards": {}}
 
-    def hu(self, row: int) -> np.ndarray:
-        """The size x size int16 HU of one slice (a read-only view into its shard)."""
+    @property
+    def windows(self) -> tuple[Window, ...]:
+        """The windows a window8 cache holds, in plane order (none for hu16)."""
+        return tuple(_windows(self.settings))
+
+    def row(self, row: int) -> np.ndarray:
+        """One slice as stored (a read-only view into its shard): size x size int16 HU for hu16,
+        windows x size x size uint8 for window8."""
         failure = self.failed.get(row)
         if failure is not None:
             raise DicomReadError(failure["path"], failure["reason"], failure["detail"])
@@ -106,8 +147,9 @@ class SliceCache:
         """What `python -m ich.prepare cache=true` prints."""
         shards = sorted(self.folder.glob("shard-*.npy"))
         megabytes = sum(s.stat().st_size for s in shards) / 1e6
+        what = "int16 HU" if self.format == "hu16" else f"{len(self.windows)} uint8 window planes"
         out = [
-            f"slices: {self.slices} as int16 HU at {self.size}x{self.size}, in {len(shards)} shard(s)",
+            f"slices: {self.slices} as {what} at {self.size}x{self.size}, in {len(shards)} shard(s)",
             f"size on disk: {megabytes / 1000:.1f} GB" if megabytes >= 1000 else f"size on disk: {megabytes:.1f} MB",
         ]
         reasons = Counter(f["reason"] for f in self.failed.values())
@@ -121,13 +163,16 @@ def load_or_build_cache(
     image_size: int,
     workers: int | None = None,
     shard_rows: int | None = None,
+    cache_format: str = "hu16",
+    windows: tuple[Window, ...] = (),
 ) -> SliceCache:
     """The cache of the index's slices (row i = index row i), converted or finished first when needed.
 
     `workers` processes convert (None = every core); `shard_rows` overrides the shard length of a new
-    cache (the default keeps shards near SHARD_BYTES, and several per worker for small datasets).
+    cache (the default keeps shards near SHARD_BYTES, and several per worker for small datasets);
+    `windows` are those a window8 cache holds.
     """
-    settings = cache_settings(index, image_size)
+    settings = cache_settings(index, image_size, cache_format, windows)
     folder = cache_folder(cache_dir, settings)
     manifest = _read_manifest(folder, settings)
     if manifest is None or _missing_shards(folder, manifest):
@@ -144,7 +189,7 @@ def _build(folder: Path, index: pd.DataFrame, settings: dict, workers: int, shar
         if others:
             log.info("Building a new slice cache %s; those of other data or settings stay (delete them if unused): %s",
                      folder.name, ", ".join(others))
-        rows = shard_rows or _default_shard_rows(settings["image_size"], len(index), workers)
+        rows = shard_rows or _default_shard_rows(settings, len(index), workers)
         manifest = _start(folder, index, settings, rows)
     missing = _missing_shards(folder, manifest)
     if not missing:
@@ -153,8 +198,7 @@ def _build(folder: Path, index: pd.DataFrame, settings: dict, workers: int, shar
         leftover.unlink()
     rows = manifest["shard_rows"]
     paths = index["path"].tolist()
-    size = settings["image_size"]
-    jobs = [(folder, shard, paths[shard * rows : (shard + 1) * rows], shard * rows, size) for shard in missing]
+    jobs = [(folder, shard, paths[shard * rows : (shard + 1) * rows], shard * rows, settings) for shard in missing]
     todo = sum(len(job[2]) for job in jobs)
     if len(missing) < len(_shards(manifest)):
         log.info("Resuming the slice cache in %s: %d of %d shards left", folder, len(missing), len(_shards(manifest)))
@@ -190,16 +234,17 @@ def _convert_all(jobs: list[tuple], workers: int) -> Iterator[tuple[int, list[di
                 future.cancel()
 
 
-def _convert_shard(folder: Path, shard: int, paths: list[str], first_row: int, size: int) -> tuple[int, list[dict]]:
+def _convert_shard(folder: Path, shard: int, paths: list[str], first_row: int, settings: dict) -> tuple[int, list[dict]]:
     """Write one shard under a temporary name and give it its real name only once it is on disk."""
     tmp = folder / f".{shard_name(shard)}.{os.getpid()}.tmp"
-    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(paths), size, size))
+    shape, dtype = row_layout(settings)
+    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(paths), *shape))
     failed = []
     for offset, path in enumerate(paths):
         try:
-            rows[offset] = read_hu_square(path, size)
+            rows[offset] = convert_slice(path, settings)
         except DicomReadError as err:  # the index read it fine, so the file changed since: count it, go on
-            rows[offset] = int(AIR_HU)
+            rows[offset] = _air(settings)
             failed.append({"row": first_row + offset, "path": path, "reason": err.reason, "detail": str(err)})
     rows.flush()
     del rows
@@ -209,9 +254,16 @@ def _convert_shard(folder: Path, shard: int, paths: list[str], first_row: int, s
     return shard, failed
 
 
-def _default_shard_rows(image_size: int, slices: int, workers: int) -> int:
+def _air(settings: dict) -> np.ndarray:
+    """What a slice that failed is stored as (it is never read: the manifest lists it as failed)."""
+    hu = np.full((settings["image_size"],) * 2, int(AIR_HU), np.int16)
+    return np.stack(window_planes(hu, _windows(settings))) if settings["format"] == "window8" else hu
+
+
+def _default_shard_rows(settings: dict, slices: int, workers: int) -> int:
     """Shards of up to SHARD_BYTES, and at least four per worker so that small datasets convert in parallel."""
-    by_bytes = max(1, SHARD_BYTES // (2 * image_size * image_size))
+    shape, dtype = row_layout(settings)
+    by_bytes = max(1, SHARD_BYTES // (math.prod(shape) * np.dtype(dtype).itemsize))
     return max(1, min(by_bytes, math.ceil(slices / (4 * workers))))
 
 
@@ -235,25 +287,26 @@ def _shards(manifest: dict) -> range:
 
 def _missing_shards(folder: Path, manifest: dict) -> list[int]:
     """Shards to write: not listed as complete, or listed but no longer a whole shard file."""
-    size, rows, slices = manifest["settings"]["image_size"], manifest["shard_rows"], manifest["settings"]["slices"]
+    rows, slices = manifest["shard_rows"], manifest["settings"]["slices"]
+    shape, dtype = row_layout(manifest["settings"])
     missing = []
     for shard in _shards(manifest):
-        expected = (min(rows, slices - shard * rows), size, size)
+        expected = (min(rows, slices - shard * rows), *shape)
         if str(shard) not in manifest["shards"]:
             missing.append(shard)
-        elif not _is_shard(folder / shard_name(shard), expected):
+        elif not _is_shard(folder / shard_name(shard), expected, dtype):
             log.warning("Shard %s of the slice cache is missing or damaged: writing it again", folder / shard_name(shard))
             missing.append(shard)
     return missing
 
 
-def _is_shard(path: Path, shape: tuple[int, int, int]) -> bool:
-    """Whether `path` is an int16 .npy of `shape` whose data is all there (it maps only when it is)."""
+def _is_shard(path: Path, shape: tuple[int, ...], dtype: type) -> bool:
+    """Whether `path` is an .npy of `shape` and `dtype` whose data is all there (it maps only when it is)."""
     try:
         rows = np.load(path, mmap_mode="r")
     except (OSError, ValueError):  # absent, not an .npy, or shorter than its header says
         return False
-    return rows.shape == shape and rows.dtype == np.int16
+    return rows.shape == shape and rows.dtype == dtype
 
 
 def _read_manifest(folder: Path, settings: dict | None = None) -> dict | None:

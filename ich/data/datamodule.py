@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ich.data.augment import DeviceAugmentation, build_augmentation
-from ich.data.cache import SliceCache, load_or_build_cache
+from ich.data.cache import SliceCache, check_format, load_or_build_cache
 from ich.data.dataset import (
     CacheLoader,
     DicomLoader,
@@ -112,6 +112,7 @@ class ICHDataModule(pl.LightningDataModule):
         labels: str | None = None,
         cache_dir: str = "~/.cache/ich",
         cache: bool = False,
+        cache_format: str = "hu16",
         windows: list = ("brain", "subdural", "bone"),
         context: int = 0,
         image_size: int = 256,
@@ -142,6 +143,7 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
         if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
             raise ValueError(f"data.num_workers={num_workers!r}: give a number of processes (0 = none) or auto.")
+        check_format(cache_format)
         if augment_on not in ("cpu", "gpu"):
             raise ValueError(f"data.augment_on={augment_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
@@ -150,7 +152,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.source, self.image_dir, self.labels = source, image_dir, labels
         self.root = Path(root).expanduser() if root else None
         self.cache_dir = Path(cache_dir).expanduser()
-        self.cache = bool(cache)
+        self.cache, self.cache_format = bool(cache), cache_format
         self.windows = tuple(parse_windows(windows))
         self.context, self.image_size, self.min_brain_fraction = int(context), int(image_size), float(min_brain_fraction)
         self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
@@ -186,10 +188,12 @@ class ICHDataModule(pl.LightningDataModule):
         return load_or_build_index(images, labels_csv, read_rsna_labels(labels_csv), self.cache_dir, workers, force)
 
     def build_cache(self, index: pd.DataFrame | None = None, workers: int | None = None) -> SliceCache:
-        """The slice cache of a DICOM source's index at data.image_size (converted on first use, finished if cut short)."""
+        """The slice cache of a DICOM source's index at data.image_size in data.cache_format (converted on
+        first use, finished if cut short)."""
         if index is None:
             index, _, _ = self.build_index()
-        return load_or_build_cache(index, self.cache_dir, self.image_size, workers)
+        return load_or_build_cache(index, self.cache_dir, self.image_size, workers,
+                                   cache_format=self.cache_format, windows=self.windows)
 
     def _image_table(self) -> pd.DataFrame:
         table = read_image_table(self.root, Path(self.labels).expanduser(), self.task.outputs)

@@ -45,12 +45,18 @@ class CacheLoader:
     cache: SliceCache
     windows: tuple[Window, ...]
 
+    def __post_init__(self) -> None:
+        if self.cache.format == "window8" and self.cache.windows != tuple(self.windows):
+            raise ValueError(f"The slice cache {self.cache.folder} holds other windows than data.windows: "
+                             "build it again with these windows, or use data.cache_format=hu16.")
+
     @property
     def channels(self) -> int:
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
-        return window_planes(self.cache.hu(row), self.windows)
+        stored = self.cache.row(row)
+        return list(stored) if self.cache.format == "window8" else window_planes(stored, self.windows)
 
 
 @dataclass(frozen=True)
