@@ -40,12 +40,14 @@ from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import CacheLoader, DicomLoader, SliceDataset, collate_skipping, init_worker, reuse_freed_memory
 from ich.data.dicom import read_hu_square
+from ich.data.ondevice import finish_batch
 from ich.data.windows import WINDOWS, parse_windows, to_unit_float, window_stack
 
 WINDOW_NAMES = ("brain", "subdural", "bone")
 SLICES_PER_SERIES = 20
 RSNA_SLICES = 752_803  # stage 2 training set
-TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "cache_window8_vs_dicom": 10.0, "real_vs_random": 0.9}
+TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "cache_window8_vs_dicom": 10.0,
+           "cache_window_on_gpu_vs_dicom": 10.0, "real_vs_random": 0.9}
 
 
 def naive(path: Path, size: int) -> np.ndarray:
@@ -151,6 +153,9 @@ def per_core(index: pd.DataFrame, cache: SliceCache, cache8: SliceCache, args: a
         # data.augment_on=gpu: the workers draw each slice's parameters, the GPU moves the pixels
         "loader_cache_augment_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows),
                                                     default_augmentation(on="gpu")),
+        # data.window_on=gpu as well: the workers copy int16 HU, the GPU windows and augments
+        "loader_cache_window_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows, window_on_device=True),
+                                                   default_augmentation(on="gpu")),
     }
     ways = {
         "dicom_naive": each(lambda path: naive(Path(path), args.size), paths),
@@ -208,15 +213,15 @@ def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoad
 
         def real_step() -> None:
             batch = next(batches)
-            image = to_unit_float(batch["image"].to(device, non_blocking=True))
-            if "augment" in batch:  # --augment-on gpu, as ICHDataModule.on_after_batch_transfer does it
-                image = DeviceAugmentation.apply(image, batch["augment"])
+            batch["image"] = batch["image"].to(device, non_blocking=True)
+            image = to_unit_float(finish_batch(batch)["image"])  # --augment-on/--window-on gpu: as ICHLitModule does
             train_step(image, batch["target"].to(device, non_blocking=True))
 
         real_rate = timed_steps(real_step, args, device)
         random_rate = timed_steps(lambda: train_step(images, target), args, device)
         result["loader_vs_random"] = {
-            "workers": loader.num_workers, "augment_on": args.augment_on, "real_images_per_s": round(real_rate, 2),
+            "workers": loader.num_workers, "augment_on": args.augment_on, "window_on": args.window_on,
+            "real_images_per_s": round(real_rate, 2),
             "random_images_per_s": round(random_rate, 2), "ratio": round(real_rate / random_rate, 3),
         }
     return result
@@ -263,8 +268,8 @@ def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Names
     """The training DataLoader over the cache, as `trainer=gpu data.cache=true` builds it."""
     augment = default_augmentation(on=args.augment_on)
     targets = (np.arange(len(index)) % 2).astype(np.float32)[:, None]
-    dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(),
-                           CacheLoader(cache, tuple(parse_windows(list(WINDOW_NAMES)))), augment)
+    loader = CacheLoader(cache, tuple(parse_windows(list(WINDOW_NAMES))), window_on_device=args.window_on == "gpu")
+    dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(), loader, augment)
     workers = resolve_workers(args.loader_workers)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -304,6 +309,7 @@ def projection(result: dict, cores: int, on_gpu: bool) -> dict:
         "epoch_hours_dicom_path": epoch_hours(rates["loader_dicom_augmented"]),
         "epoch_hours_cache_path": epoch_hours(rates["loader_cache_augmented"]),
         "epoch_hours_cache_path_augment_on_gpu": epoch_hours(rates["loader_cache_augment_on_gpu"]),
+        "epoch_hours_cache_path_window_on_gpu": epoch_hours(rates["loader_cache_window_on_gpu"]),
         "epoch_hours_model_alone": round(RSNA_SLICES / train / 3600, 2),
     }
     if result["cache_build"]:
@@ -317,6 +323,7 @@ def target_checks(result: dict) -> dict:
         "dicom_vs_naive": rates["dicom_ich"] / rates["dicom_naive"],
         "cache_vs_dicom": rates["loader_cache"] / rates["loader_dicom"],
         "cache_window8_vs_dicom": rates["loader_cache_window8"] / rates["loader_dicom"],
+        "cache_window_on_gpu_vs_dicom": rates["loader_cache_window_on_gpu"] / rates["loader_dicom"],
     }
     compared = result["model"].get("loader_vs_random")
     if compared:
@@ -341,7 +348,8 @@ def print_table(result: dict) -> None:
           f"{model['forward_gflops_per_image']:.2f} GFLOP per image forward")
     if "loader_vs_random" in model:
         compared = model["loader_vs_random"]
-        print(f"  real batches ({compared['workers']} workers, augmented on the {compared['augment_on']}) "
+        print(f"  real batches ({compared['workers']} workers, windowed on the {compared['window_on']}, "
+              f"augmented on the {compared['augment_on']}) "
               f"{compared['real_images_per_s']:.1f} images/s vs "
               f"random tensors on the device {compared['random_images_per_s']:.1f}: {compared['ratio']:.2f}")
     for name, check in result["targets"].items():
@@ -372,12 +380,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", default="auto", help="DataLoader processes of --compare-loader")
     parser.add_argument("--augment-on", choices=("cpu", "gpu"), default="cpu",
                         help="where --compare-loader augments: loader workers (cpu) or the device (gpu)")
+    parser.add_argument("--window-on", choices=("cpu", "gpu"), default="cpu",
+                        help="where --compare-loader windows (gpu needs --augment-on gpu)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the phantom and cache here (default: a temporary folder)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="leave glibc's allocator as it is (figures then depend on its state; see the module doc)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     args = parser.parse_args(argv)
+    if args.window_on == "gpu" and args.augment_on != "gpu":
+        parser.error("--window-on gpu needs --augment-on gpu: augmentation works on windowed images.")
     if args.loader_workers != "auto":
         args.loader_workers = int(args.loader_workers)
     return args

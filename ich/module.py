@@ -6,6 +6,7 @@ model with nothing else at hand: no config, no network, no weights file.
 
 import inspect
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric
 
+from ich.data.ondevice import finish_batch
+from ich.data.windows import to_unit_float
 from ich.metrics import build_metrics
 from ich.models import build_head, create_backbone
-from ich.data.windows import to_unit_float
 from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1
 # Keys of a scheduler config that tell Lightning when to step it; the other keys build the scheduler.
 SCHEDULER_STEPPING_KEYS = ("interval", "frequency", "monitor")
 
+
+# ICHLitModule, not the data module, finishes batches on the device (ich.data.ondevice), so that batches
+# from any DataLoader are finished too. Lightning questions that choice on every fit with a data module;
+# the warning would only teach users to skip warnings.
+warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 class ICHLitModule(pl.LightningModule):
     """Classify CT slices for `task` (binary, subtype or multilabel; see ich.tasks) with any timm backbone.
@@ -93,6 +100,9 @@ class ICHLitModule(pl.LightningModule):
         """Logits [B, num_outputs] of images [B, C, H, W]: windowed uint8 as the data modules give, or floats in [0, 1]."""
         # Batches arrive laid out channels-last (see collate_skipping); the plain layout is restored for
         # models that were not converted, so either way input and weights agree.
+        if image.dtype == torch.int16:
+            raise ValueError("These images are HU (data.window_on=gpu): pass the batch through "
+                             "ich.data.ondevice.finish_batch first, as Lightning does after each copy to the device.")
         layout = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
         image = to_unit_float(image).contiguous(memory_format=layout)
         return self.head(self.backbone(image))
@@ -123,6 +133,10 @@ class ICHLitModule(pl.LightningModule):
         if self._freeze == "backbone":
             self.backbone.eval()
         return self
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Window and augment on the device what the loader left for it (data.window_on / data.augment_on=gpu)."""
+        return finish_batch(batch)
 
     def on_train_start(self) -> None:
         # Applied here rather than at construction: Lightning warns about modules in eval mode just before.

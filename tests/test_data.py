@@ -247,10 +247,8 @@ def test_device_augmentation_blurs_and_shifts_brightness_within_0_1():
 
 
 def test_augment_on_gpu_draws_in_the_loader_and_augments_training_batches_after_the_copy(cache_dir, tmp_path):
-    """data.augment_on=gpu: workers only read and window; Lightning's after-transfer hook augments, seeded as on the CPU."""
-    import pytorch_lightning as pl
-
-    from ich.module import ICHLitModule
+    """data.augment_on=gpu: workers only read and window; the batch is augmented after the copy, seeded as on the CPU."""
+    from ich.data.ondevice import finish_batch
 
     dm = make_datamodule(cache_dir, tmp_path, augment_on="gpu", augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0,
                                                                           "brightness_contrast_p": 0.0})
@@ -258,23 +256,59 @@ def test_augment_on_gpu_draws_in_the_loader_and_augments_training_batches_after_
     batch = next(iter(loader))
     assert batch["augment"].shape == (len(batch["image"]), 7) and torch.equal(batch["augment"], next(iter(loader))["augment"])
     plain = batch["image"].clone()
-    augmented = dm.on_after_batch_transfer(batch, 0)
+    augmented = finish_batch(batch)
     assert "augment" not in augmented and augmented["image"].dtype == torch.float32
     torch.testing.assert_close(augmented["image"], plain.flip(-1).float() / 255)
     assert "augment" not in next(iter(dm.val_dataloader()))
 
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_window_on_gpu_sends_hu_and_the_device_gives_the_cpu_paths_images(cache_dir, tmp_path, cache):
+    """data.window_on=gpu: one int16 HU channel per slice crosses to the GPU; windowed there, the channels
+    match the CPU path's, in order, within its 256 levels."""
+    from ich.data.ondevice import finish_batch
+
+    settings = dict(context=1, windows=["brain", "subdural", [600, 2800]], augment_on="gpu", cache=cache)
+    cpu = next(iter(make_datamodule(cache_dir, tmp_path, **settings).val_dataloader()))
+    gpu_dm = make_datamodule(cache_dir, tmp_path, window_on="gpu", **settings)
+    batch = next(iter(gpu_dm.val_dataloader()))
+    assert batch["image"].dtype == torch.int16 and batch["image"].shape[1:] == (3, 64, 64)  # three slices of HU
+    assert gpu_dm.num_channels == 9
+    images = finish_batch(batch)["image"]
+    assert images.shape[1:] == (9, 64, 64) and "windows" not in batch
+    assert (images - cpu["image"].float() / 255).abs().max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("window_on", ["cpu", "gpu"])
+def test_lightning_finishes_every_batch_on_the_device_before_the_model_sees_it(cache_dir, tmp_path, window_on):
+    import pytorch_lightning as pl
+
+    from ich.module import ICHLitModule
+
+    dm = make_datamodule(cache_dir, tmp_path, augment_on="gpu", window_on=window_on)
     seen = []
 
     class Capture(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append((batch["image"].dtype, "augment" in batch))
+            seen.append((batch["image"].dtype, sorted(batch)))
 
     trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
     trainer.fit(ICHLitModule(backbone="test_resnet", pretrained=False), datamodule=dm)
-    assert seen == [(torch.float32, False)]
+    assert seen == [(torch.float32, ["image", "image_id", "target"])]
 
 
-def test_unknown_augment_on_is_one_sentence():
+def test_hu_batches_given_to_the_model_directly_say_what_to_do():
+    from ich.module import ICHLitModule
+
+    with pytest.raises(ValueError, match="finish_batch"):
+        ICHLitModule(backbone="test_resnet", pretrained=False)(torch.zeros(1, 3, 32, 32, dtype=torch.int16))
+
+
+def test_unknown_or_conflicting_device_options_are_one_sentence():
     with pytest.raises(ValueError, match="use cpu .* or gpu"):
         ICHDataModule(augment_on="tpu")
+    with pytest.raises(ValueError, match="set data.augment_on=gpu as well"):
+        ICHDataModule(window_on="gpu")
+    with pytest.raises(ValueError, match="windowed already"):
+        ICHDataModule(window_on="gpu", augment_on="gpu", cache=True, cache_format="window8")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ich.data.datamodule import ICHDataModule
 from ich.data.dataset import SliceDataset
 from ich.data.splits import STAGES
+from ich.data.ondevice import finish_batch
 from ich.data.windows import to_unit_float
 from ich.results import print_metrics, write_json
 from ich.train import build_datamodule
@@ -187,7 +188,8 @@ def extract_split(
     extractor = extractor.to(device).eval()
     features, targets, ids = [], [], []
     for batch in track(loader, description=f"{stage} features", total=len(loader)):
-        features.append(extractor(to_unit_float(batch["image"].to(device))).float().cpu().numpy())
+        images = finish_batch({**batch, "image": batch["image"].to(device)})["image"]
+        features.append(extractor(to_unit_float(images)).float().cpu().numpy())
         targets.append(batch["target"].numpy())
         ids += list(batch["image_id"])
     if not features:

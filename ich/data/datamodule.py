@@ -34,7 +34,7 @@ from ich.data.dataset import (
 from ich.data.index import IndexSummary, load_or_build_index
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
-from ich.data.windows import parse_windows, to_unit_float
+from ich.data.windows import parse_windows
 from ich.privacy import pseudonym
 from ich.tasks import SUBTYPES, Task, get_task
 
@@ -127,6 +127,7 @@ class ICHDataModule(pl.LightningDataModule):
         pin_memory: bool | str = "auto",
         augment: dict | None = None,
         augment_on: str = "cpu",
+        window_on: str = "cpu",
         phantom: dict | None = None,
         output_dir: str | None = None,
     ):
@@ -146,6 +147,14 @@ class ICHDataModule(pl.LightningDataModule):
         check_format(cache_format)
         if augment_on not in ("cpu", "gpu"):
             raise ValueError(f"data.augment_on={augment_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
+        if window_on not in ("cpu", "gpu"):
+            raise ValueError(f"data.window_on={window_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
+        if window_on == "gpu" and augment_on != "gpu":
+            raise ValueError("data.window_on=gpu sends HU to the GPU, where the windows are applied; augmentation "
+                             "works on windowed images, so set data.augment_on=gpu as well.")
+        if window_on == "gpu" and (source == "images" or cache and cache_format == "window8"):
+            raise ValueError("data.window_on=gpu needs HU: PNG/JPG folders and the window8 cache are windowed "
+                             "already; set data.window_on=cpu.")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
             raise ValueError(f"data.pin_memory={pin_memory!r}: use true, false or auto (true when CUDA is available).")
         self.task = get_task(task)
@@ -158,7 +167,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
         self.balance, self.balance_ratio = balance, float(balance_ratio)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
-        self.augment, self.augment_on = dict(augment or {}), augment_on
+        self.augment, self.augment_on, self.window_on = dict(augment or {}), augment_on, window_on
         self.phantom = dict(phantom or {})
         self.output_dir = Path(output_dir) if output_dir else None
         self.datasets: dict[str, SliceDataset] = {}
@@ -277,9 +286,9 @@ class ICHDataModule(pl.LightningDataModule):
 
     def _loader(self, table: pd.DataFrame, cache: SliceCache | None):
         if cache is not None:
-            return CacheLoader(cache, self.windows)
+            return CacheLoader(cache, self.windows, window_on_device=self.window_on == "gpu")
         if self.source != "images":
-            return DicomLoader(self.windows, self.image_size)
+            return DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu")
         first = cv2.imread(table["path"].iloc[0], cv2.IMREAD_UNCHANGED)
         return ImageLoader(self.image_size, channels=1 if first is None or first.ndim == 2 else 3)
 
@@ -303,13 +312,6 @@ class ICHDataModule(pl.LightningDataModule):
         """Cross-entropy weights inversely proportional to class frequency on the training split."""
         counts = np.bincount(self.datasets["train"].targets, minlength=self.task.num_outputs)
         return (counts.sum() / (self.task.num_outputs * np.maximum(counts, 1))).tolist()
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """With data.augment_on=gpu, training batches carry their slices' augmentation, applied here on the device."""
-        params = batch.pop("augment", None)
-        if params is not None:
-            batch["image"] = DeviceAugmentation.apply(to_unit_float(batch["image"]), params)
-        return batch
 
     # -- loaders --------------------------------------------------------------------------------
     def _dataloader(self, stage: str, shuffle: bool) -> DataLoader:
@@ -344,6 +346,7 @@ class ICHDataModule(pl.LightningDataModule):
         index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
         self.tables["folder"] = index
         zeros = np.zeros(len(index), np.int64) if self.task.loss == "ce" else np.zeros((len(index), self.task.num_outputs), np.float32)
-        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(), DicomLoader(self.windows, self.image_size))
+        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(),
+                               DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu"))
         self.datasets["folder"] = dataset
         return self._dataloader("folder", shuffle=False)

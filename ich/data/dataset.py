@@ -25,17 +25,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @dataclass(frozen=True)
 class DicomLoader:
-    """DICOM -> int16 HU on a square of `size` -> one uint8 plane per window."""
+    """DICOM -> int16 HU on a square of `size` -> one uint8 plane per window (or, windowed on the
+    device, the HU plane itself)."""
 
     windows: tuple[Window, ...]
     size: int
+    window_on_device: bool = False
 
     @property
     def channels(self) -> int:
+        """Channels per slice that reach the model."""
         return len(self.windows)
 
     def __call__(self, path: str) -> list[np.ndarray]:
-        return window_planes(read_hu_square(path, self.size), self.windows)
+        hu = read_hu_square(path, self.size)
+        return [hu] if self.window_on_device else window_planes(hu, self.windows)
 
 
 @dataclass(frozen=True)
@@ -44,19 +48,25 @@ class CacheLoader:
 
     cache: SliceCache
     windows: tuple[Window, ...]
+    window_on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.cache.format == "window8" and self.cache.windows != tuple(self.windows):
             raise ValueError(f"The slice cache {self.cache.folder} holds other windows than data.windows: "
                              "build it again with these windows, or use data.cache_format=hu16.")
+        if self.cache.format == "window8" and self.window_on_device:
+            raise ValueError("A window8 slice cache is windowed already: it cannot be windowed on the device.")
 
     @property
     def channels(self) -> int:
+        """Channels per slice that reach the model."""
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
         stored = self.cache.row(row)
-        return list(stored) if self.cache.format == "window8" else window_planes(stored, self.windows)
+        if self.cache.format == "window8":
+            return list(stored)
+        return [stored] if self.window_on_device else window_planes(stored, self.windows)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,11 @@ class SliceDataset(Dataset):
     ):
         self.stacks, self.targets, self.image_ids = stacks, targets, image_ids
         self.loader, self.transform, self.seed = loader, transform, seed
+        self.hu_planes = getattr(loader, "window_on_device", False)
+        if self.hu_planes and isinstance(transform, A.BaseCompose):
+            raise ValueError("Slices windowed on the device reach the dataset as HU: augment them on the device too.")
+        # Batches of HU say which windows the device applies (see ich.data.ondevice).
+        self._windows = torch.tensor([[w.center, w.width] for w in loader.windows]) if self.hu_planes else None
 
     def __len__(self) -> int:
         return len(self.stacks)
@@ -112,10 +127,11 @@ class SliceDataset(Dataset):
         return max(3, self.loader.channels * len(self.stacks[0])) if self.stacks else 0
 
     def image(self, i: int, epoch: int | None = None) -> np.ndarray:
-        """Slice `i` as an HxWxC uint8 image; with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
+        """Slice `i` as an HxWxC uint8 image (int16 HU, one channel per slice, when windowed on the device);
+        with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
         planes = [plane for key in self.stacks[i] for plane in self.loader(key)]
-        if len(planes) == 1:
-            planes *= 3  # one window: three identical channels for ImageNet stems
+        if len(planes) == 1 and not self.hu_planes:
+            planes *= 3  # one window: three identical channels for ImageNet stems (HU: on the device)
         image = merge_channels(planes)
         if isinstance(self.transform, A.BaseCompose):
             if epoch is not None:
@@ -137,8 +153,10 @@ class SliceDataset(Dataset):
         # CxHxW as the models take it, over HxWxC memory: collate_skipping copies each in one piece.
         item = {"image": torch.from_numpy(image).permute(2, 0, 1), "target": torch.as_tensor(self.targets[i]),
                 "image_id": self.image_ids[i]}
+        if self._windows is not None:
+            item["windows"] = self._windows
         if isinstance(self.transform, DeviceAugmentation):
-            # The parameters only; ICHDataModule.on_after_batch_transfer moves the pixels on the GPU.
+            # The parameters only; ich.data.ondevice.finish_batch moves the pixels on the GPU.
             rng = np.random.default_rng(None if epoch is None else self._seed(i, epoch))
             item["augment"] = torch.from_numpy(self.transform.draw(rng))
         return item
