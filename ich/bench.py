@@ -96,11 +96,12 @@ def each(read: Callable, keys: list) -> Callable[[], int]:
 
 
 def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
-    """One pass over a dataset the way a DataLoader worker does it: items, then the collated batch."""
+    """One pass over a dataset the way a DataLoader worker does it in training: items keyed by
+    (epoch, index) as EpochShuffle hands them out, so augmentation is seeded per slice; then the batch."""
 
     def work() -> int:
         for start in range(0, len(dataset), batch_size):
-            collate_skipping([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            collate_skipping([dataset[(0, i)] for i in range(start, min(start + batch_size, len(dataset)))])
         return len(dataset)
 
     return work

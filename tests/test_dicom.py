@@ -414,3 +414,21 @@ def test_slice_position_is_nan_without_position_tags(ipp, iop):
 def test_missing_position_tags_give_nan_in_the_header(tmp_path):
     header = read_header(write_hu(tmp_path / "ID_a.dcm", ImagePositionPatient=None))
     assert isinstance(header, SliceHeader) and math.isnan(header.position)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "rtdose.dcm", "693_J2KI.dcm"])
+def test_fast_tag_values_equal_pydicoms(name):
+    """tag_value decodes the pixel tags itself (little and big endian, implicit and explicit VR); it must
+    read what pydicom reads, for every tag it is used for."""
+    from ich.data.dicom import _TAGS, tag_value
+
+    path = get_testdata_file(name)
+    fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
+    for keyword in _TAGS:
+        expected, got = slow.get(keyword), tag_value(fast, keyword)
+        if expected is None or expected == "":
+            assert got in (None, ""), keyword
+        elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+            assert float(got) == float(expected), keyword
+        else:
+            assert str(got) == str(expected), keyword

@@ -157,7 +157,7 @@ class SliceDataset(Dataset):
             item["windows"] = self._windows
         if isinstance(self.transform, DeviceAugmentation):
             # The parameters only; ich.data.ondevice.finish_batch moves the pixels on the GPU.
-            rng = np.random.default_rng(None if epoch is None else self._seed(i, epoch))
+            rng = np.random.default_rng(None if epoch is None else [self.seed, epoch, i])
             item["augment"] = torch.from_numpy(self.transform.draw(rng))
         return item
 

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
@@ -198,17 +200,18 @@ def _parse_header(path: str | Path, ds: Dataset) -> SliceHeader:
 
 def _parse_pixel_format(path: str | Path, ds: Dataset) -> PixelFormat:
     try:
+        bits_stored = tag_value(ds, "BitsStored")
         header = PixelFormat(
-            bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16))),
-            pixel_representation=int(ds.get("PixelRepresentation", 0)),
+            bits_stored=int(tag_value(ds, "BitsAllocated", 16) if bits_stored is None else bits_stored),
+            pixel_representation=int(tag_value(ds, "PixelRepresentation", 0)),
             rescale_slope=_number_or_default(ds, "RescaleSlope", 1.0),
             rescale_intercept=_number_or_default(ds, "RescaleIntercept", 0.0),
-            photometric=str(ds.get("PhotometricInterpretation", "")).strip(),
-            rows=int(ds.get("Rows", 0)),
-            columns=int(ds.get("Columns", 0)),
+            photometric=str(tag_value(ds, "PhotometricInterpretation", "")).strip(),
+            rows=int(tag_value(ds, "Rows", 0)),
+            columns=int(tag_value(ds, "Columns", 0)),
         )
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(float(tag_value(ds, "NumberOfFrames", 1) or 1))
+        samples = int(tag_value(ds, "SamplesPerPixel", 1))
     except Exception as err:  # tags are decoded lazily here, so any malformed value surfaces now
         raise _bad_header(path, err) from err
     if header.rows <= 0 or header.columns <= 0:
@@ -226,7 +229,7 @@ def _parse_pixel_format(path: str | Path, ds: Dataset) -> PixelFormat:
             f"{path} is {header.photometric or 'untyped'} with {samples} samples per pixel, "
             "not a greyscale CT slice: leave it out.",
         )
-    modality = str(ds.get("Modality") or "CT").strip().upper()  # absent: trust the folder to hold CT
+    modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: trust the folder to hold CT
     if modality != "CT":
         raise DicomReadError(
             path, "not_ct", f"{path} is a {modality} image, not CT: Hounsfield windows mean nothing for it; leave it out."
@@ -246,6 +249,33 @@ MAX_SLOPE = 100.0
 MAX_INTERCEPT = 10_000.0
 
 
+def tag_value(ds: Dataset, keyword: str, default: object = None) -> object:
+    """The value of a pixel-format tag, decoded here when pydicom has not yet: US/SS as int, IS/DS/CS as
+    the stripped string; anything else through pydicom's `ds.get`.
+
+    pydicom converts each element through several layers on first access, ~10 us a tag; the dozen
+    short tags a slice needs cost more than parsing the file. Same values, for ~1 us a tag.
+    """
+    element = ds.get_item(_TAGS[keyword])
+    if element is None:
+        return default
+    if not isinstance(element, RawDataElement):
+        return element.value
+    vr, value = element.VR or dictionary_VR(element.tag), element.value
+    if vr in ("US", "SS") and value is not None and len(value) == 2:
+        return int.from_bytes(value, "little" if element.is_little_endian else "big", signed=vr == "SS")
+    if vr in ("IS", "DS", "CS") and value is not None:
+        return value.decode("ascii", errors="replace").strip(" \0")
+    return ds.get(keyword, default)  # "US or SS", several values, other VRs: pydicom knows best
+
+
+_TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
+    "BitsStored", "BitsAllocated", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+    "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "Modality",
+    "PixelPaddingValue",
+)}
+
+
 def _bad_header(path: str | Path, err: Exception) -> DicomReadError:
     return DicomReadError(
         path, "bad_header", f"{path} has a tag that cannot be parsed ({_why(err)}): fix or re-export the file."
@@ -259,7 +289,7 @@ def _why(err: Exception) -> str:
 
 def _number_or_default(ds: Dataset, keyword: str, default: float) -> float:
     """A missing tag takes its default; a present one that is no number must not pass as the default."""
-    value = ds.get(keyword)
+    value = tag_value(ds, keyword)
     if value is None or value == "":
         return default
     number = first_float(value)
@@ -270,7 +300,7 @@ def _number_or_default(ds: Dataset, keyword: str, default: float) -> float:
 
 def _optional_int(path: str | Path, ds: Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
+        value = tag_value(ds, keyword)
         return None if value is None or value == "" else int(value)
     except Exception as err:  # decoded lazily, like every tag
         raise DicomReadError(
@@ -289,7 +319,7 @@ def _stored_pixels(path: str | Path, ds: Dataset, header: PixelFormat) -> np.nda
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise DicomReadError(path, "unreadable", f"{path} has no Transfer Syntax UID: re-export it.")
-    if syntax in _NATIVE_LITTLE_ENDIAN and ds.get("BitsAllocated") == 16:
+    if syntax in _NATIVE_LITTLE_ENDIAN and tag_value(ds, "BitsAllocated") == 16:
         return _native_pixels(path, ds.PixelData, header)
     _require_decoder(path, UID(syntax))
     try:
@@ -354,9 +384,12 @@ def _to_hu(stored: np.ndarray, header: PixelFormat, padding: int | None) -> np.n
     NOTE: PS3.3 rescales MONOCHROME1 pixels as they are and inverts only for display; inverting first
     (DOMAIN.md's rule) makes such files look like MONOCHROME2 ones.
     """
-    is_padding = stored == padding if padding is not None else None
     intercept = header.rescale_intercept
-    if header.photometric == "MONOCHROME1" or _wraps_12_bit(header):
+    plain = header.photometric != "MONOCHROME1" and not _wraps_12_bit(header)
+    if padding is not None and plain and padding * header.rescale_slope + intercept <= AIR_HU:
+        padding = None  # it rescales below air (RSNA's -2000 does), so the clip below makes it air anyway
+    is_padding = stored == padding if padding is not None else None
+    if not plain:
         pixels = stored.astype(np.int32)
         if header.photometric == "MONOCHROME1":
             # Mirror within the stored range: unsigned [0, 2^b - 1], signed [-2^(b-1), 2^(b-1) - 1].

@@ -88,8 +88,9 @@ def window_planes(hu: np.ndarray, windows: Sequence[Window]) -> list[np.ndarray]
 
 def merge_channels(planes: Sequence[np.ndarray]) -> np.ndarray:
     """HxW planes into one HxWxC image (C may exceed OpenCV's 4 colour channels)."""
-    image = cv2.merge(list(planes))
-    return image.reshape(*planes[0].shape, len(planes))  # one plane: OpenCV leaves out the channel axis
+    if len(planes) == 1:  # a copy (the plane may be a read-only view into the slice cache)
+        return np.array(planes[0])[..., None]
+    return cv2.merge(list(planes))
 
 
 def as_whole_hu(hu: np.ndarray) -> np.ndarray:
