@@ -229,6 +229,13 @@ class ICHLitModule(pl.LightningModule):
             defaults["T_max"] = self._run_length(interval)
         if "max_lr" in accepted and "max_lr" not in given:
             defaults["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+        if "pct_start" in accepted:
+            total = defaults.get("total_steps", given.get("total_steps"))
+            warmup = given.get("pct_start", accepted["pct_start"].default)
+            if total and float(warmup * total) == 1.0:
+                # OneCycleLR divides by zero when its warm-up is exactly one step (4 steps at 0.25): a
+                # millionth more keeps the schedule and the division.
+                defaults["pct_start"] = warmup * (1 + 1e-6)
         return defaults
 
     def _run_length(self, interval: str) -> int:

@@ -297,6 +297,15 @@ def test_optimizer_and_scheduler_configs_span_the_run(optimizer, scheduler, torc
         assert trainer.optimizers[0].param_groups[0]["max_lr"] == module.hparams.optimizer["lr"]
 
 
+def test_onecycle_trains_a_run_whose_warmup_is_exactly_one_step():
+    """4 steps at pct_start 0.25: PyTorch's OneCycleLR alone divides by zero at the first step."""
+    module = tiny("binary", scheduler=config_node("scheduler", "onecycle"))
+    loader = toy_loader("binary", n=16, batch_size=4)
+    trainer = make_trainer(max_steps=-1, max_epochs=1)
+    trainer.fit(module, loader, loader)
+    assert trainer.global_step == 4 and trainer.lr_scheduler_configs[0].scheduler.total_steps == 4
+
+
 def test_channels_last_runs_and_compile_keeps_checkpoint_keys():
     module = tiny("binary", channels_last=True)
     assert module.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
