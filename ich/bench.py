@@ -76,7 +76,7 @@ def images_per_second(work: Callable[[], int], min_seconds: float) -> float:
 def interleaved(ways: dict[str, Callable[[], int]], repeats: int, min_seconds: float) -> dict[str, list[float]]:
     """Rates of each way, repeats interleaved so that a drift in machine load hits every way alike."""
     for work in ways.values():
-        work()  # warm-up: page cache, lazy imports, decoder plugins, lookup tables
+        work()  # warm-up: page cache, lazy imports, decoder plugins
     rates: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, work in ways.items():

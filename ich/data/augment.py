@@ -67,9 +67,9 @@ _IDENTITY = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=np.float32)
 class DeviceAugmentation:
     """The steps and strengths of build_augmentation, run on whole batches where they are (`data.augment_on=gpu`).
 
-    The dataset draws each slice's parameters on the CPU (a few numbers, seeded exactly as the CPU
-    pipeline is) and the batch carries them; `apply` does the pixel work on the GPU after the copy,
-    so a loader worker only reads and windows. The draws are its own: a run augmented on the GPU does
+    The dataset draws each slice's parameters on the CPU (a few numbers, seeded by (seed, epoch, slice)
+    as the CPU pipeline is) and the batch carries them; `apply` does the pixel work on the GPU after
+    the copy (ich.data.ondevice), so a loader worker only reads (and windows). The draws are its own: a run augmented on the GPU does
     not see the very images a CPU-augmented run sees, only the same distribution of them.
     """
 
