@@ -38,6 +38,7 @@ SCHEDULER_STEPPING_KEYS = ("interval", "frequency", "monitor")
 # the warning would only teach users to skip warnings.
 warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
 
+
 class ICHLitModule(pl.LightningModule):
     """Classify CT slices for `task` (binary, subtype or multilabel; see ich.tasks) with any timm backbone.
 

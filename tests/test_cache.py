@@ -129,13 +129,24 @@ def test_slices_failing_during_caching_are_counted_and_skipped(cache_dir, tmp_pa
     assert dataset[5] is None and dataset[4] is not None  # skipped with a warning, like an unreadable DICOM
 
 
-def test_prepare_builds_the_cache_and_prints_it(cache_dir, capsys):
+@pytest.mark.parametrize("cache_format, stored", [("hu16", "int16 HU"), ("window8", "3 uint8 window planes")])
+def test_prepare_builds_the_cache_and_prints_it(cache_dir, capsys, cache_format, stored):
     from ich.prepare import main
 
-    main(compose_config("prepare", ["cache=true", "data.image_size=32", *SMALL_PHANTOM]))
+    main(compose_config("prepare", ["cache=true", "data.image_size=32", f"data.cache_format={cache_format}", *SMALL_PHANTOM]))
     out = capsys.readouterr().out
     read = re.search(r"read: (\d+)", out).group(1)  # the phantom's corrupt file is not in the index
-    assert "Slice cache:" in out and f"slices: {read} as int16 HU at 32x32" in out
+    assert "Slice cache:" in out and f"slices: {read} as {stored} at 32x32" in out
+
+
+def test_train_py_runs_on_the_fastest_data_settings(cache_dir, tmp_path):
+    """The README's advice for a loader-bound GPU, through the real conf/: cached HU, windowed and augmented on the device."""
+    from conftest import FAST_RUN
+    from ich.train import run
+
+    metrics = run(compose_config("train", [*FAST_RUN, f"output_dir={tmp_path}", "data.cache=true",
+                                           "data.augment_on=gpu", "data.window_on=gpu"]))
+    assert metrics["data/slices_train"] > 0 and "test/auroc" in metrics
 
 
 def test_num_workers_auto_follows_the_cores(cache_dir, tmp_path):

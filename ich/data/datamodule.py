@@ -288,9 +288,12 @@ class ICHDataModule(pl.LightningDataModule):
         if cache is not None:
             return CacheLoader(cache, self.windows, window_on_device=self.window_on == "gpu")
         if self.source != "images":
-            return DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu")
+            return self._dicom_loader()
         first = cv2.imread(table["path"].iloc[0], cv2.IMREAD_UNCHANGED)
         return ImageLoader(self.image_size, channels=1 if first is None or first.ndim == 2 else 3)
+
+    def _dicom_loader(self) -> DicomLoader:
+        return DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu")
 
     # -- what the model needs to know -----------------------------------------------------------
     @property
@@ -346,7 +349,6 @@ class ICHDataModule(pl.LightningDataModule):
         index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
         self.tables["folder"] = index
         zeros = np.zeros(len(index), np.int64) if self.task.loss == "ce" else np.zeros((len(index), self.task.num_outputs), np.float32)
-        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(),
-                               DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu"))
+        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(), self._dicom_loader())
         self.datasets["folder"] = dataset
         return self._dataloader("folder", shuffle=False)
