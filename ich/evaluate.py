@@ -24,7 +24,7 @@ from ich.metrics import build_metrics
 from ich.module import ICHLitModule
 from ich.plots import confusion_counts, save_confusion_matrices, save_roc_curves
 from ich.results import print_metrics, write_json
-from ich.runs import training_run_dir
+from ich.runs import best_checkpoint, training_run_dir
 from ich.tasks import LABELS, Task
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,12 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
-    example = "e.g. ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+    example = "e.g. ckpt_path=outputs/<date>/<time> (its best checkpoint) or a .ckpt in its checkpoints/"
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
-        raise ValueError(f"Evaluation needs a checkpoint: pass ckpt_path=PATH to a .ckpt of train.py, {example}.")
+        raise ValueError(f"Evaluation needs a checkpoint: pass ckpt_path=PATH to a run folder or .ckpt of train.py, {example}.")
     path = Path(cfg.ckpt_path).expanduser()
+    if path.is_dir():
+        return best_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={cfg.ckpt_path} does not exist: pass a .ckpt written by train.py, {example}."

@@ -1,4 +1,4 @@
-"""Run folders: where a checkpoint's run lives, and which checkpoint `ckpt_path=last` means."""
+"""Run folders: where a checkpoint's run lives, and which checkpoint `ckpt_path=last` or a run folder means."""
 
 from pathlib import Path
 
@@ -25,3 +25,17 @@ def resume_checkpoint(ckpt_path: str, outputs: Path = Path("outputs")) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a checkpoint: pass a .ckpt file, a run folder, or last.")
     return path
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The checkpoint a training run tested: its one best checkpoint beside last.ckpt (save_top_k=1), or
+    last.ckpt when validation never saved one."""
+    folder = run / "checkpoints"
+    best = sorted(path for path in folder.glob("*.ckpt") if path.name != "last.ckpt")
+    if len(best) == 1:
+        return best[0]
+    if best:
+        raise ValueError(f"{folder} holds {len(best)} checkpoints besides last.ckpt: pass the one to test as ckpt_path.")
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise FileNotFoundError(f"{run} holds no checkpoints/*.ckpt: pass a run folder of train.py or a .ckpt file.")

@@ -57,8 +57,9 @@ def test_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluation(multilabel, test_folder, tmp_path_factory):
+    """`python evaluate.py ckpt_path=<run folder>`: the folder stands for the run's best checkpoint."""
     output_dir = tmp_path_factory.mktemp("evaluate")
-    return output_dir, evaluate(multilabel[0], output_dir, f"test_dir={test_folder}")
+    return output_dir, evaluate(multilabel[0].parent.parent, output_dir, f"test_dir={test_folder}")
 
 
 def test_writes_every_result_file(evaluation):
@@ -207,6 +208,20 @@ def test_binary_checkpoint_reports_the_any_label(binary, tmp_path):
 def test_test_dir_needs_a_multilabel_checkpoint(binary, tmp_path, test_folder):
     with pytest.raises(ValueError, match="needs all six labels: train with task=multilabel"):
         evaluate(binary, tmp_path, f"test_dir={test_folder}")
+
+
+def test_a_run_folder_without_one_best_checkpoint_says_what_to_pass(tmp_path):
+    from ich.runs import best_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        best_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    assert best_checkpoint(tmp_path).name == "last.ckpt"  # validation never saved a best one
+    for name in ("epoch001-auroc0.9000.ckpt", "epoch003-auroc0.9500.ckpt"):
+        (tmp_path / "checkpoints" / name).touch()
+    with pytest.raises(ValueError, match="holds 2 checkpoints besides last.ckpt: pass the one to test"):
+        best_checkpoint(tmp_path)
 
 
 def test_nonexistent_checkpoint_gives_one_sentence(tmp_path):
