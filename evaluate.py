@@ -1,4 +1,4 @@
-"""Evaluate a trained checkpoint on its test patients: `python evaluate.py ckpt_path=outputs/.../last.ckpt`."""
+"""Evaluate a trained checkpoint on its test patients: `python evaluate.py ckpt_path=outputs/<date>/<time>` (or a .ckpt)."""
 
 import hydra
 from omegaconf import DictConfig
