@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ich import CONFIG_DIR
-from ich.data.augment import DeviceAugmentation, build_augmentation
+from ich.data.augment import augmentation_for
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import CacheLoader, DicomLoader, SliceDataset, collate_skipping, init_worker, reuse_freed_memory
@@ -110,7 +110,7 @@ def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
 def default_augmentation(on: str = "cpu"):
     """The training augmentation with the strengths of conf/data/_common.yaml, for the loader (cpu) or the device (gpu)."""
     strengths = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment)
-    return DeviceAugmentation(**strengths) if on == "gpu" else build_augmentation(**strengths)
+    return augmentation_for(on, strengths)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,12 @@ def build_augmentation(
     return A.Compose(steps)
 
 
+def augmentation_for(on: str, strengths: dict):
+    """The training augmentation with `strengths` (the data.augment keys) for the loader workers (cpu)
+    or for the device (gpu)."""
+    return DeviceAugmentation(**strengths) if on == "gpu" else build_augmentation(**strengths)
+
+
 # Per slice, what DeviceAugmentation.draw picks and .apply does; the identity is (0, 0, 1, 1, 0, 1, 0).
 PARAMS = ("flip", "angle", "stretch_x", "stretch_y", "blur_sigma", "contrast", "brightness")
 _IDENTITY = np.array([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=np.float32)

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ich.data.augment import DeviceAugmentation, build_augmentation
+from ich.data.augment import augmentation_for
 from ich.data.cache import SliceCache, check_format, load_or_build_cache
 from ich.data.dataset import (
     CacheLoader,
@@ -260,7 +260,7 @@ class ICHDataModule(pl.LightningDataModule):
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
         loader = self._loader(table, cache)
-        augmentation = DeviceAugmentation(**self.augment) if self.augment_on == "gpu" else build_augmentation(**self.augment)
+        augmentation = augmentation_for(self.augment_on, self.augment)
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
