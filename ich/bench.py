@@ -44,6 +44,7 @@ from ich.data.ondevice import finish_batch
 from ich.data.windows import WINDOWS, parse_windows, to_unit_float, window_stack
 
 WINDOW_NAMES = ("brain", "subdural", "bone")
+BENCH_WINDOWS = tuple(parse_windows(list(WINDOW_NAMES)))
 SLICES_PER_SERIES = 20
 RSNA_SLICES = 752_803  # stage 2 training set
 TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "cache_window8_vs_dicom": 10.0,
@@ -138,7 +139,7 @@ def phantom_index(workdir: Path, slices: int, dicom_size: int) -> pd.DataFrame:
 
 def per_core(index: pd.DataFrame, cache: SliceCache, cache8: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
     """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation."""
-    windows = cache8.windows
+    windows = BENCH_WINDOWS
     paths = index["path"].tolist()
     dicom = DicomLoader(windows, args.size)
     augment = default_augmentation()
@@ -269,7 +270,7 @@ def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Names
     """The training DataLoader over the cache, as `trainer=gpu data.cache=true` builds it."""
     augment = default_augmentation(on=args.augment_on)
     targets = (np.arange(len(index)) % 2).astype(np.float32)[:, None]
-    loader = CacheLoader(cache, tuple(parse_windows(list(WINDOW_NAMES))), window_on_device=args.window_on == "gpu")
+    loader = CacheLoader(cache, BENCH_WINDOWS, window_on_device=args.window_on == "gpu")
     dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(), loader, augment)
     workers = resolve_workers(args.loader_workers)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
@@ -417,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         built = time.perf_counter() - start
         cache_build = {"images_per_s": round(len(index) / built, 1), "cores": cores} if fresh else None
         cache8 = load_or_build_cache(index, workdir, args.size, cache_format="window8",
-                                     windows=tuple(parse_windows(list(WINDOW_NAMES))))
+                                     windows=BENCH_WINDOWS)
         rates = per_core(index, cache, cache8, args)
         torch.set_num_threads(args.threads or cores)
         loader = training_loader(cache, index, args, device) if compare else None

@@ -75,8 +75,9 @@ class DeviceAugmentation:
 
     The dataset draws each slice's parameters on the CPU (a few numbers, seeded by (seed, epoch, slice)
     as the CPU pipeline is) and the batch carries them; `apply` does the pixel work on the GPU after
-    the copy (ich.data.ondevice), so a loader worker only reads (and windows). The draws are its own: a run augmented on the GPU does
-    not see the very images a CPU-augmented run sees, only the same distribution of them.
+    the copy (ich.data.ondevice), so a loader worker only reads (and windows). The draws are its own:
+    a run augmented on the GPU does not see the very images a CPU-augmented run sees, only the same
+    distribution of them.
     """
 
     hflip: float = 0.5
