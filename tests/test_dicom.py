@@ -250,17 +250,29 @@ def test_pixel_padding_value_tag_marks_air(tmp_path):
     np.testing.assert_array_equal(hu[KNOWN_HU != -1000], KNOWN_HU[KNOWN_HU != -1000])
 
 
-@pytest.mark.parametrize("signed", [False, True])
-def test_monochrome1_is_inverted_before_rescaling(tmp_path, signed):
-    if signed:  # signed 16-bit range mirrored: p -> -1 - p
-        stored = (-1 - (KNOWN_HU.astype(np.int32) + 1024)).astype(np.int16)
-        path = write_ct(tmp_path / "ID_a.dcm", stored, PhotometricInterpretation="MONOCHROME1")
-    else:  # unsigned 12-bit range mirrored: p -> 4095 - p
-        stored = (4095 - (KNOWN_HU.astype(np.int32) + 1024)).astype(np.uint16)
-        path = write_ct(tmp_path / "ID_a.dcm", stored, bits_stored=12, PhotometricInterpretation="MONOCHROME1")
+# Stored values chosen by hand; each row reads as 0, 40, -1000 and 1000 HU.
+MONOCHROME1_FILES = {
+    "unsigned 16-bit, intercept -1024": ([1024, 1064, 24, 2024], np.uint16, 16, -1024),
+    "signed 16-bit, intercept 0": ([0, 40, -1000, 1000], np.int16, 16, 0),
+    "unsigned 12-bit, intercept -1024": ([1024, 1064, 24, 2024], np.uint16, 12, -1024),
+    "unsigned 12-bit wrapped, intercept 0": ([0, 40, 3096, 1000], np.uint16, 12, 0),
+}
+
+
+@pytest.mark.parametrize("stored, dtype, bits_stored, intercept", MONOCHROME1_FILES.values(), ids=MONOCHROME1_FILES)
+def test_monochrome1_hu_are_the_rescale_of_the_stored_values(tmp_path, stored, dtype, bits_stored, intercept):
+    # PS3.3 C.11.1: MONOCHROME1 only tells a viewer to show low values bright; HU ignore it.
+    stored = np.array(stored, dtype=dtype).reshape(2, 2)
+    path = write_ct(
+        tmp_path / "ID_a.dcm",
+        stored,
+        bits_stored=bits_stored,
+        RescaleIntercept=intercept,
+        PhotometricInterpretation="MONOCHROME1",
+    )
     header, hu = read_slice(path)
     assert header.photometric == "MONOCHROME1"
-    np.testing.assert_array_equal(hu, KNOWN_HU)
+    np.testing.assert_array_equal(hu, [[0, 40], [-1000, 1000]])
 
 
 def test_non_square_slice_is_padded_with_air_and_resized(tmp_path):

@@ -23,7 +23,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 AIR_HU = -1024.0
 MAX_HU = 3071.0
 # Bump when read_hu_square gives other pixels for some file: slice caches of another version are rebuilt.
-READER_VERSION = 1
+READER_VERSION = 2
 # Uncompressed little-endian 16-bit data is read straight from the bytes: pydicom's generic decoder
 # adds ~0.7 ms per 512x512 slice (gathering options, copying), more than parsing the file itself.
 _NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
@@ -377,28 +377,21 @@ def _wraps_12_bit(header: PixelFormat) -> bool:
 
 
 def _to_hu(stored: np.ndarray, header: PixelFormat, padding: int | None) -> np.ndarray:
-    """Rescale stored pixels to float32 HU.
+    """Rescale stored pixels to float32 HU, the 12-bit wrap undone, padding and out-of-range values set to air.
 
-    MONOCHROME1 is inverted, the 12-bit wrap undone, and padding and out-of-range values set to air.
-
-    NOTE: PS3.3 rescales MONOCHROME1 pixels as they are and inverts only for display; inverting first
-    (DOMAIN.md's rule) makes such files look like MONOCHROME2 ones.
+    MONOCHROME1 is rescaled as stored, like MONOCHROME2: it only tells a viewer to display low values
+    bright (PS3.3 C.7.6.3.1.2, C.11.1).
     """
     intercept = header.rescale_intercept
-    plain = header.photometric != "MONOCHROME1" and not _wraps_12_bit(header)
-    if padding is not None and plain and padding * header.rescale_slope + intercept <= AIR_HU:
+    wraps = _wraps_12_bit(header)
+    if padding is not None and not wraps and padding * header.rescale_slope + intercept <= AIR_HU:
         padding = None  # it rescales below air (RSNA's -2000 does), so the clip below makes it air anyway
     is_padding = stored == padding if padding is not None else None
-    if not plain:
+    if wraps:
         pixels = stored.astype(np.int32)
-        if header.photometric == "MONOCHROME1":
-            # Mirror within the stored range: unsigned [0, 2^b - 1], signed [-2^(b-1), 2^(b-1) - 1].
-            top = -1 if header.pixel_representation else (1 << header.bits_stored) - 1
-            np.subtract(top, pixels, out=pixels)
-        if _wraps_12_bit(header):
-            pixels += 1000
-            pixels &= 0xFFF  # == % 4096 for the non-negative values left here
-            intercept = -1000.0
+        pixels += 1000
+        pixels &= 0xFFF  # == % 4096 for the non-negative values left here
+        intercept = -1000.0
         hu = pixels.astype(np.float32)
     else:
         hu = stored.astype(np.float32)

@@ -495,14 +495,12 @@ def encode(hu: np.ndarray, quirk: str | None) -> Encoded:
         # unsigned 12-bit two's complement with intercept 0: only `(p + 1000) % 4096 - 1000` recovers HU
         stored = np.clip(hu, -1000, 3095).astype(np.int32) % 4096
         return Encoded(stored.astype(np.uint16), bits_stored=12, signed=False, intercept=0.0)
-    if quirk == "monochrome1":
-        # inverted within the 16 stored bits; the smallest value is 0 so `max - p` inverts the same way
-        low = float(hu.min())
-        inverted = (65535 - (hu - low)).astype(np.uint16)
-        return Encoded(inverted, bits_stored=16, signed=False, intercept=low, photometric="MONOCHROME1")
     if quirk == "no_rescale":
         return Encoded(hu.astype(np.int16), bits_stored=16, signed=True, intercept=None)
-    return Encoded((hu + 1024).astype(np.int16), bits_stored=16, signed=True, intercept=-1024.0)
+    # MONOCHROME1 stores the same values: it only tells a viewer to show low values bright (PS3.3 C.11.1)
+    photometric = "MONOCHROME1" if quirk == "monochrome1" else "MONOCHROME2"
+    stored = (hu + 1024).astype(np.int16)
+    return Encoded(stored, bits_stored=16, signed=True, intercept=-1024.0, photometric=photometric)
 
 
 def _window_tags(window: tuple[int, int], quirk: str | None) -> tuple[object, object]:
