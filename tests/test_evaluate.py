@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
-from ich.data.phantom import generate
+from ich.phantom import generate
 from ich.evaluate import data_config, run, submission_rows
 from ich.tasks import LABELS, SUBTYPES
 from ich.train import run as train

@@ -17,7 +17,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import load_or_build_index
-from ich.data.phantom import generate
+from ich.phantom import generate
 from ich.data.sources import read_rsna_labels
 from ich.tasks import LABELS
 

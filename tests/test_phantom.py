@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ich.data.phantom import QUIRK_KINDS, generate, main
+from ich.phantom import QUIRK_KINDS, generate, main
 from ich.tasks import LABELS, SUBTYPES
 
 # RSNA's `ID_...` UIDs are invalid on purpose; pydicom says so on every read.

@@ -51,7 +51,7 @@ def phantom_root(cache_dir: Path, settings: dict) -> Path:
 
 def ensure_phantom(cache_dir: Path, settings: dict) -> Path:
     """Write the phantom on first use; a half-written one is never mistaken for a finished one."""
-    from ich.data.phantom import generate
+    from ich.phantom import generate
 
     root = phantom_root(cache_dir, settings)
     if (root / "stage_2_train.csv").is_file():

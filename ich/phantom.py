@@ -10,7 +10,7 @@ Anatomy is drawn in the head's own frame, in mm: `u` left-right, `v` anterior-po
 positive, i.e. down the image), `w` along the slice normal. The DICOM geometry only places that frame
 in patient space, so a tilted series is the same head as an upright one.
 
-    python -m ich.data.phantom --out DIR [--patients N --slices S --size PX --seed K --no-quirks]
+    python -m ich.phantom --out DIR [--patients N --slices S --size PX --seed K --no-quirks]
 """
 
 import argparse
@@ -640,7 +640,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m ich.data.phantom", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ich.phantom", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write stage_2_train.csv and stage_2_train/ into")
     parser.add_argument("--patients", type=int, default=40, help="one study and one series per patient")
     parser.add_argument("--slices", type=int, default=12, help="slices per series, 5 mm apart")
