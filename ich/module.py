@@ -44,6 +44,7 @@ class ICHLitModule(pl.LightningModule):
 
     Args:
         task: a name in ich.tasks.TASKS; sets the outputs, the loss and the metrics.
+        label: the label a binary task predicts (`any` when None).
         backbone: a timm model name; in_chans: number of image channels.
         pretrained: ImageNet weights from the hub (or its local cache); weights: a local weights file instead.
         init_from: a checkpoint of ours to start from (backbone always, head when its shape fits the task).
@@ -59,6 +60,7 @@ class ICHLitModule(pl.LightningModule):
     def __init__(
         self,
         task: str = "binary",
+        label: str | None = None,
         backbone: str = "resnet18",
         in_chans: int = 3,
         pretrained: bool = False,
@@ -78,7 +80,7 @@ class ICHLitModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.task = get_task(task)
+        self.task = get_task(task, label)
         self._freeze = "none"
         self.backbone = create_backbone(backbone, in_chans, pretrained, weights)
         # timm's num_features is the width before a pre-logits block (VGG, MobileNetV3); head_hidden_size after it

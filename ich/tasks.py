@@ -34,8 +34,19 @@ TASKS = {
 }
 
 
-def get_task(name: str) -> Task:
-    """Look up a task by name; an unknown name gets one sentence listing the choices."""
+def get_task(name: str, label: str | None = None) -> Task:
+    """Look up a task by name; an unknown name gets one sentence listing the choices.
+
+    `label` picks the one label a binary task predicts (`any` by default): one paper trained a binary
+    model per label, which is `task=binary task.label=<label>` for each of the six.
+    """
     if name not in TASKS:
         raise ValueError(f"Unknown task '{name}': choose task=binary, task=subtype or task=multilabel.")
-    return TASKS[name]
+    task = TASKS[name]
+    if label is None or (label,) == task.outputs:
+        return task
+    if name != "binary":
+        raise ValueError(f"task.label={label} picks the label of a binary task; task={name} predicts {', '.join(task.outputs)}.")
+    if label not in LABELS:
+        raise ValueError(f"Unknown task.label '{label}': choose one of {', '.join(LABELS)}.")
+    return Task("binary", outputs=(label,), loss="bce", metric_task="binary")

@@ -29,17 +29,13 @@ from ich.runs import resume_checkpoint, training_run_dir
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DictConfig, **overrides) -> ICHDataModule:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return ICHDataModule(task=cfg.task.name, output_dir=cfg.output_dir, **{**data, **overrides})
-
-
 def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
     """The LightningModule gets plain values only, so a checkpoint reloads without the config."""
     task = datamodule.task
     weighted = bool(cfg.task.class_weights)
     return ICHLitModule(
         task=task.name,
+        label=task.outputs[0] if task.name == "binary" else None,
         in_chans=datamodule.num_channels,
         threshold=float(cfg.task.threshold),
         pos_weight=datamodule.pos_weight() if weighted and task.loss == "bce" else None,
@@ -161,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = build_datamodule(cfg)
+    datamodule = ICHDataModule.from_config(cfg)
     datamodule.prepare_data()
     datamodule.setup()
     model = build_module(cfg, datamodule)

@@ -15,7 +15,7 @@ from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule
-from ich.train import build_datamodule
+from ich.data.datamodule import ICHDataModule
 
 ROOT = CONFIG_DIR.parent
 DDP_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -29,7 +29,7 @@ def ddp_overrides(tmp_path) -> list[str]:
 
 def val_metrics_of(checkpoint, cfg, indices: list[int]) -> dict[str, float]:
     """The validation metrics of `checkpoint` over the given validation slices, in one process."""
-    datamodule = build_datamodule(cfg)
+    datamodule = ICHDataModule.from_config(cfg)
     datamodule.setup()
     dataset = datamodule.datasets["val"]
     model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
@@ -46,7 +46,7 @@ def val_metrics_of(checkpoint, cfg, indices: list[int]) -> dict[str, float]:
 def test_ddp_on_two_cpu_processes_aggregates_metrics_over_both(cache_dir, tmp_path):
     overrides = ddp_overrides(tmp_path)
     cfg = compose_config("train", [*overrides, f"output_dir={tmp_path}"])
-    datamodule = build_datamodule(cfg)
+    datamodule = ICHDataModule.from_config(cfg)
     datamodule.prepare_data()  # phantom and index written once, before the two processes read them
     datamodule.setup()
     size = len(datamodule.datasets["val"])

@@ -57,9 +57,9 @@ def test_each_task_trains_and_reports_its_metrics(cache_dir, tmp_path, task, per
 def test_checkpoint_reloads_alone_and_predicts_the_same(cache_dir, tmp_path):
     cfg, _ = train(tmp_path, "task=multilabel")
     checkpoint = next((tmp_path / "checkpoints").glob("epoch*.ckpt"))
-    from ich.train import build_datamodule
+    from ich.data.datamodule import ICHDataModule
 
-    dm = build_datamodule(cfg)
+    dm = ICHDataModule.from_config(cfg)
     dm.setup()
     batch = next(iter(dm.test_dataloader()))
     first = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()

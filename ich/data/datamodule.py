@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ich.data.augment import augmentation_for
@@ -106,6 +107,7 @@ class ICHDataModule(pl.LightningDataModule):
     def __init__(
         self,
         task: str = "binary",
+        label: str | None = None,
         source: str = "phantom",
         root: str | None = None,
         image_dir: str | None = None,
@@ -157,7 +159,7 @@ class ICHDataModule(pl.LightningDataModule):
                              "already; set data.window_on=cpu.")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
             raise ValueError(f"data.pin_memory={pin_memory!r}: use true, false or auto (true when CUDA is available).")
-        self.task = get_task(task)
+        self.task = get_task(task, label)
         self.source, self.image_dir, self.labels = source, image_dir, labels
         self.root = Path(root).expanduser() if root else None
         self.cache_dir = Path(cache_dir).expanduser()
@@ -264,8 +266,8 @@ class ICHDataModule(pl.LightningDataModule):
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
-                # subtype balances its five classes; binary and multilabel balance `any`
-                classes = task_targets(part, self.task) if self.task.loss == "ce" else part["any"].to_numpy()
+                # subtype balances its five classes, binary its one label, multilabel `any`
+                classes = task_targets(part, self.task) if self.task.loss == "ce" else part[self.task.outputs[0]].to_numpy()
                 part = undersample(part, classes, self.balance_ratio, self.seed)
             self.tables[name] = part.reset_index(drop=True)
             part_stacks = [stacks[i] for i in part["image_id"]] if stacks else [[p] for p in part["path"]]
@@ -316,10 +318,18 @@ class ICHDataModule(pl.LightningDataModule):
         counts = np.bincount(self.datasets["train"].targets, minlength=self.task.num_outputs)
         return (counts.sum() / (self.task.num_outputs * np.maximum(counts, 1))).tolist()
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, **overrides) -> "ICHDataModule":
+        """The data module of a composed config (`data`, `task`, `output_dir`); `overrides` replace data keys."""
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        return cls(task=cfg.task.name, label=cfg.task.get("label"), output_dir=cfg.get("output_dir"),
+                   **{**data, **overrides})
+
     # -- loaders --------------------------------------------------------------------------------
-    def _dataloader(self, stage: str, shuffle: bool) -> DataLoader:
+    def loader(self, dataset: SliceDataset, shuffle: bool = False) -> DataLoader:
+        """A DataLoader over `dataset` (a stage's, or a subset of one) as training reads it: workers, batch
+        size, seeded epoch shuffling, unreadable slices skipped."""
         workers = resolve_workers(self.num_workers, self.trainer.num_devices if self.trainer is not None else 1)
-        dataset = self.datasets[stage]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -333,16 +343,16 @@ class ICHDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train", shuffle=True)
+        return self.loader(self.datasets["train"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._dataloader("val", shuffle=False)
+        return self.loader(self.datasets["val"], shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._dataloader("test", shuffle=False)
+        return self.loader(self.datasets["test"], shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._dataloader("test", shuffle=False)
+        return self.loader(self.datasets["test"], shuffle=False)
 
     def folder_dataloader(self, folder: str | Path) -> DataLoader:
         """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
@@ -350,5 +360,4 @@ class ICHDataModule(pl.LightningDataModule):
         self.tables["folder"] = index
         zeros = np.zeros(len(index), np.int64) if self.task.loss == "ce" else np.zeros((len(index), self.task.num_outputs), np.float32)
         dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(), self._dicom_loader())
-        self.datasets["folder"] = dataset
-        return self._dataloader("folder", shuffle=False)
+        return self.loader(dataset)
