@@ -6,7 +6,6 @@ model with nothing else at hand: no config, no network, no weights file.
 
 import inspect
 import logging
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric
 
-from ich.data.ondevice import finish_batch
 from ich.data.windows import to_unit_float
 from ich.metrics import build_metrics
 from ich.models import build_head, create_backbone
@@ -26,17 +24,12 @@ from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 log = logging.getLogger(__name__)
 
 FREEZE_MODES = ("none", "backbone", "backbone_except_bn")
+NORMALIZE_MODES = ("auto", "pretrained", "none")
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 STAGES = ("train", "val", "test")
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
 # Keys of a scheduler config that tell Lightning when to step it; the other keys build the scheduler.
 SCHEDULER_STEPPING_KEYS = ("interval", "frequency", "monitor")
-
-
-# ICHLitModule, not the data module, finishes batches on the device (ich.data.ondevice), so that batches
-# from any DataLoader are finished too. Lightning questions that choice on every fit with a data module;
-# the warning would only teach users to skip warnings.
-warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 
 class ICHLitModule(pl.LightningModule):
@@ -55,6 +48,12 @@ class ICHLitModule(pl.LightningModule):
         rsna_weights: weight the multilabel loss 2 on `any`, 1 on subtypes, like the challenge metric.
         threshold: probability cut-off of the thresholded metrics.
         channels_last, compile: speed options for GPUs.
+        normalize: auto (the backbone's pretrained mean/std when its weights come from pretraining, none
+            from scratch) | pretrained (that mean/std always) | none. The values are buffers, so they
+            travel in the checkpoint with the weights.
+        inputs: how the data module shapes a slice (ICHDataModule.inputs: windows, context, image size,
+            channels); data: the training run's data config. Both only travel in the checkpoint, so
+            evaluation and prediction need nothing but the .ckpt file.
     """
 
     def __init__(
@@ -77,6 +76,9 @@ class ICHLitModule(pl.LightningModule):
         threshold: float = 0.5,
         channels_last: bool = False,
         compile: bool = False,
+        normalize: str = "auto",
+        inputs: dict | None = None,
+        data: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +88,9 @@ class ICHLitModule(pl.LightningModule):
         # timm's num_features is the width before a pre-logits block (VGG, MobileNetV3); head_hidden_size after it
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head = build_head(width, self.task.num_outputs, **(head or {}))
+        mean, std = input_normalization(self.backbone, in_chans, normalize, pretrained or weights is not None)
+        self.register_buffer("input_mean", mean)
+        self.register_buffer("input_std", std)
         if init_from is not None:
             self._init_from(Path(init_from))
         self.criterion = build_loss(self.task, pos_weight, class_weights, rsna_weights)
@@ -100,15 +105,22 @@ class ICHLitModule(pl.LightningModule):
             self.backbone.compile()  # in place: state-dict keys stay those of the plain backbone
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_outputs] of images [B, C, H, W]: windowed uint8 as the data modules give, or floats in [0, 1]."""
+        """float32 logits [B, num_outputs] of images [B, C, H, W]: windowed uint8 as the data modules give
+        them, or floats in [0, 1]."""
+        features = self.features(image)
+        # The head in float32 even under bf16 autocast: bf16 logits have 8 bits of mantissa, so nearby
+        # slices would tie, and AUROC would blur, whatever is cast afterwards.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features [B, D] of images as `forward` takes them, normalised here and
+        nowhere else: training, evaluation, prediction and feature extraction all pass through this."""
         # Batches arrive laid out channels-last (see collate_skipping); the plain layout is restored for
         # models that were not converted, so either way input and weights agree.
-        if image.dtype == torch.int16:
-            raise ValueError("These images are HU (data.window_on=gpu): pass the batch through "
-                             "ich.data.ondevice.finish_batch first, as Lightning does after each copy to the device.")
         layout = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
-        image = to_unit_float(image).contiguous(memory_format=layout)
-        return self.head(self.backbone(image))
+        image = ((to_unit_float(image) - self.input_mean) / self.input_std).contiguous(memory_format=layout)
+        return self.backbone(image)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over the outputs for a cross-entropy task, an independent sigmoid per output otherwise."""
@@ -136,10 +148,6 @@ class ICHLitModule(pl.LightningModule):
         if self._freeze == "backbone":
             self.backbone.eval()
         return self
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Window and augment on the device what the loader left for it (data.window_on / data.augment_on=gpu)."""
-        return finish_batch(batch)
 
     def on_train_start(self) -> None:
         # Applied here rather than at construction: Lightning warns about modules in eval mode just before.
@@ -277,6 +285,9 @@ class ICHLitModule(pl.LightningModule):
             raise ValueError(
                 f"model.init_from={path} is not a Lightning checkpoint: pass a .ckpt file written by ich training."
             )
+        for name in ("input_mean", "input_std"):  # the inputs that checkpoint's weights were trained on
+            if name in state["state_dict"] and state["state_dict"][name].shape == getattr(self, name).shape:
+                setattr(self, name, state["state_dict"][name].clone())
         backbone_state = _strip_prefix(state["state_dict"], "backbone.")
         try:
             self.backbone.load_state_dict(backbone_state)
@@ -292,6 +303,26 @@ class ICHLitModule(pl.LightningModule):
             log.info("Initialised backbone and head from %s", path)
         else:
             log.info("Initialised the backbone from %s; its head does not fit task %s: new head", path, self.task.name)
+
+
+def input_normalization(backbone: nn.Module, channels: int, mode: str, pretrained: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std [C, 1, 1] that images in [0, 1] are normalised by before the backbone.
+
+    Pretrained weights expect the mean/std of their pretraining (timm's `pretrained_cfg`, ImageNet's for
+    most); a backbone trained from scratch needs none. Channel c takes the statistics of colour c mod 3:
+    windows take the colour channels' place, and context slices repeat the windows in the same order.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"Unknown model.normalize={mode}: choose one of {', '.join(NORMALIZE_MODES)}.")
+    config = getattr(backbone, "pretrained_cfg", None) or {}
+    if mode == "pretrained" and "mean" not in config:
+        raise ValueError("model.normalize=pretrained, but this backbone has no pretraining mean/std: use auto or none.")
+    if mode == "none" or (mode == "auto" and not pretrained) or "mean" not in config:
+        return torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
+    picks = [c % len(config["mean"]) for c in range(channels)]
+    mean = torch.tensor([config["mean"][c] for c in picks], dtype=torch.float32)
+    std = torch.tensor([config["std"][c] for c in picks], dtype=torch.float32)
+    return mean[:, None, None], std[:, None, None]
 
 
 def build_loss(

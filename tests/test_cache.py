@@ -13,9 +13,9 @@ import torch
 from ich.data import cache as cache_module
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
-from ich.data.dataset import CacheLoader, SliceDataset
+from ich.data.dataset import CacheLoader, SliceDataset, as_bytes
 from ich.data.dicom import DicomReadError, read_hu_square
-from ich.data.windows import Window, parse_windows
+from ich.data.windows import parse_windows
 from conftest import PHANTOM, SMALL_PHANTOM, compose_config
 from conftest import make_datamodule as datamodule
 
@@ -26,16 +26,16 @@ def phantom_index(cache_dir, tmp_path) -> pd.DataFrame:
 
 
 def unaugmented_items(dataset: SliceDataset) -> list[dict]:
-    plain = SliceDataset(dataset.stacks, dataset.targets, dataset.image_ids, dataset.loader)
+    plain = dataset.subset(np.arange(len(dataset)))  # no transform
     return [plain[i] for i in range(len(plain))]
 
 
-@pytest.mark.parametrize("context, cache_format", [(0, "hu16"), (1, "hu16"), (1, "window8")])
-def test_cache_gives_the_dicom_paths_tensors(cache_dir, tmp_path, monkeypatch, context, cache_format):
+@pytest.mark.parametrize("context", [0, 1])
+def test_cache_gives_the_dicom_paths_tensors(cache_dir, tmp_path, monkeypatch, context):
     windows = ["brain", "subdural", [600, 2800]]
     dicom = datamodule(cache_dir, tmp_path, context=context, windows=windows)
     from_dicom = {stage: unaugmented_items(dataset) for stage, dataset in dicom.datasets.items()}
-    cached = datamodule(cache_dir, tmp_path, context=context, windows=windows, cache=True, cache_format=cache_format)
+    cached = datamodule(cache_dir, tmp_path, context=context, windows=windows, cache=True)
     # From here on no DICOM may be read: the cached data module must not need them.
     monkeypatch.setattr("ich.data.dataset.read_hu_square", lambda *args: pytest.fail("read a DICOM"))
     for stage in ("train", "val", "test"):
@@ -57,12 +57,6 @@ def test_changed_settings_build_another_cache(cache_dir, tmp_path, monkeypatch):
     fewer = load_or_build_cache(index.iloc[1:].reset_index(drop=True), tmp_path, 32, workers=1)
     assert fewer.folder != small.folder
     assert np.array_equal(fewer.row(0), small.row(1))  # rows follow the index it was built from
-    brain = load_or_build_cache(index, tmp_path, 32, workers=1, cache_format="window8", windows=(Window(40, 80),))
-    assert brain.folder != small.folder and brain.row(0).shape == (1, 32, 32) and brain.row(0).dtype == np.uint8
-    bone = load_or_build_cache(index, tmp_path, 32, workers=1, cache_format="window8", windows=(Window(600, 2800),))
-    assert bone.folder != brain.folder  # window8 holds its windows: others need another cache
-    with pytest.raises(ValueError, match="holds other windows than data.windows"):
-        CacheLoader(bone, (Window(40, 80),))
     monkeypatch.setattr(cache_module, "READER_VERSION", cache_module.READER_VERSION + 1)
     assert load_or_build_cache(index, tmp_path, 32, workers=1).folder not in {small.folder, fewer.folder}
     assert json.loads((small.folder / "settings.json").read_text())["image_size"] == 32
@@ -124,28 +118,26 @@ def test_slices_failing_during_caching_are_counted_and_skipped(cache_dir, tmp_pa
     assert "failed (unreadable): 1" in cache.lines()
     with pytest.raises(DicomReadError):
         cache.row(5)
-    dataset = SliceDataset([[row] for row in range(12)], np.zeros((12, 1), np.float32), index["image_id"].tolist(),
+    dataset = SliceDataset(np.arange(12)[:, None], np.zeros((12, 1), np.float32), as_bytes(index["image_id"]),
                            CacheLoader(cache, tuple(parse_windows(["brain"]))))
     assert dataset[5] is None and dataset[4] is not None  # skipped with a warning, like an unreadable DICOM
 
 
-@pytest.mark.parametrize("cache_format, stored", [("hu16", "int16 HU"), ("window8", "3 uint8 window planes")])
-def test_prepare_builds_the_cache_and_prints_it(cache_dir, capsys, cache_format, stored):
+def test_prepare_builds_the_cache_and_prints_it(cache_dir, capsys):
     from ich.prepare import main
 
-    main(compose_config("prepare", ["cache=true", "data.image_size=32", f"data.cache_format={cache_format}", *SMALL_PHANTOM]))
+    main(compose_config("prepare", ["cache=true", "data.image_size=32", *SMALL_PHANTOM]))
     out = capsys.readouterr().out
     read = re.search(r"read: (\d+)", out).group(1)  # the phantom's corrupt file is not in the index
-    assert "Slice cache:" in out and f"slices: {read} as {stored} at 32x32" in out
+    assert "Slice cache:" in out and f"slices: {read} as int16 HU at 32x32" in out
 
 
-def test_train_py_runs_on_the_fastest_data_settings(cache_dir, tmp_path):
-    """The README's advice for a loader-bound GPU, through the real conf/: cached HU, windowed and augmented on the device."""
+def test_train_py_runs_on_the_slice_cache(cache_dir, tmp_path):
+    """The README's advice for a loader-bound GPU, through the real conf/."""
     from conftest import FAST_RUN
     from ich.train import run
 
-    metrics = run(compose_config("train", [*FAST_RUN, f"output_dir={tmp_path}", "data.cache=true",
-                                           "data.augment_on=gpu", "data.window_on=gpu"]))
+    metrics = run(compose_config("train", [*FAST_RUN, f"output_dir={tmp_path}", "data.cache=true"]))
     assert metrics["data/slices_train"] > 0 and "test/auroc" in metrics
 
 

@@ -145,15 +145,35 @@ def test_context_stacks_neighbouring_slices_as_channels(cache_dir, tmp_path):
     table = dm.tables["val"]
     row = int(np.flatnonzero((table["slice_index"] > 0) & (table["slice_index"] < table["series_length"] - 1))[0])
     series = table.iloc[row]["series"]
-    stack = dataset.stacks[row]
-    # the middle of the stack is the slice itself, the others its neighbours along the normal
-    assert stack[1] == table.iloc[row]["path"]
     index, _, _ = dm.build_index()
-    order = index[index["series"] == series].set_index("path")["slice_index"]
-    assert [order[p] for p in stack] == [order[stack[1]] - 1, order[stack[1]], order[stack[1]] + 1]
+    stack = [index.iloc[r] for r in dataset.stacks[row]]
+    # the middle of the stack is the slice itself, the others its neighbours along the normal
+    assert stack[1]["image_id"] == table.iloc[row]["image_id"]
+    assert [s["series"] for s in stack] == [series] * 3
+    assert [s["slice_index"] for s in stack] == [stack[1]["slice_index"] + d for d in (-1, 0, 1)]
     image = dataset[row]["image"]
     assert image.shape == (9, 64, 64)
     assert torch.equal(image[3:6], make_datamodule(cache_dir, tmp_path, windows=["brain", "subdural", "bone"]).datasets["val"][row]["image"])
+
+
+def test_context_neighbours_are_the_true_ones_after_blank_slices_are_dropped(cache_dir, tmp_path):
+    """With data.min_brain_fraction dropping slices, each stack is still (s-1, s, s+1) of the full series:
+    the centre is the labelled slice, and a dropped blank slice can be a neighbour."""
+    filtered = make_datamodule(cache_dir, tmp_path, context=1, min_brain_fraction=0.2, windows=["brain"], split=(0.0, 0.0, 1.0))
+    assert filtered.summary["skipped"]["little_brain"] > 0
+    plain = make_datamodule(cache_dir, tmp_path / "plain", windows=["brain"], split=(0.0, 0.0, 1.0))
+    index = plain.tables["test"].set_index(["series", "slice_index"])
+    by_id = {image_id: i for i, image_id in enumerate(plain.tables["test"]["image_id"])}
+    checked = 0
+    for i, slice_ in filtered.tables["test"].iterrows():
+        image = filtered.datasets["test"][i]["image"]
+        for k, step in enumerate((-1, 0, 1)):
+            neighbour = min(max(slice_["slice_index"] + step, 0), slice_["series_length"] - 1)
+            expected = plain.datasets["test"][by_id[index.loc[(slice_["series"], neighbour), "image_id"]]]["image"]
+            # one window: one channel per slice of the stack (a lone slice repeats its one to three)
+            assert torch.equal(image[k], expected[0]), f"{slice_['image_id']}: channel {k}"
+            checked += 1
+    assert checked == 3 * len(filtered.tables["test"]) > 0
 
 
 def test_one_window_is_repeated_to_three_channels(cache_dir, tmp_path):
@@ -174,7 +194,7 @@ def test_augmentation_touches_training_slices_only(cache_dir, tmp_path):
     dm = make_datamodule(cache_dir, tmp_path, augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0, "brightness_contrast_p": 0.0})
     assert torch.equal(dm.datasets["val"][0]["image"], dm.datasets["val"][0]["image"])
     train = dm.datasets["train"]
-    plain = np.stack(train.loader(train.stacks[0][0]))
+    plain = np.stack(train.loader(train.stacks[0][0]))  # the slice's row, read and windowed without augmentation
     assert np.array_equal(train[0]["image"].numpy(), plain[:, :, ::-1])
 
 
@@ -194,7 +214,7 @@ def test_images_source_reads_windowed_pngs_and_counts_missing_files(cache_dir, t
     dm = make_datamodule(cache_dir, tmp_path, windows=["brain"])
     rows = []
     for i, row in dm.tables["train"].head(12).iterrows():
-        image = dm.datasets["train"].loader(row["path"])[0]
+        image = dm.datasets["train"].loader(row["row"])[0]
         cv2.imwrite(str(tmp_path / f"{row['image_id']}.png"), image)
         rows.append({"filename": f"{row['image_id']}.png", "patient": f"p{i % 6}", "any": row["any"]})
     rows.append({"filename": "ghost.png", "patient": "p0", "any": 0})
@@ -214,101 +234,3 @@ def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
         ICHDataModule(source="rsna")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ICHDataModule(source="rsna", root=str(tmp_path / "nowhere"), cache_dir=str(tmp_path)).prepare_data()
-
-
-def _params(rows: int, **changed) -> torch.Tensor:
-    """Identity augmentation parameters for `rows` slices, with {name: (row, value)} changes."""
-    from ich.data.augment import _IDENTITY, PARAMS
-
-    params = torch.from_numpy(np.tile(_IDENTITY, (rows, 1)))
-    for name, (row, value) in changed.items():
-        params[row, PARAMS.index(name)] = value
-    return params
-
-
-def test_device_augmentation_flips_turns_and_leaves_untouched_slices_alone():
-    from ich.data.augment import DeviceAugmentation
-
-    images = torch.rand(3, 3, 16, 16)
-    out = DeviceAugmentation.apply(images, _params(3, flip=(0, 1.0), angle=(1, 90.0)))
-    assert torch.equal(out[0], images[0].flip(-1))
-    torch.testing.assert_close(out[1], torch.rot90(images[1], k=-1, dims=(1, 2)))  # a quarter turn moves pixel centres onto pixel centres
-    assert torch.equal(out[2], images[2])
-
-
-def test_device_augmentation_blurs_and_shifts_brightness_within_0_1():
-    from ich.data.augment import DeviceAugmentation
-
-    images = torch.rand(2, 3, 32, 32)
-    out = DeviceAugmentation.apply(images, _params(2, blur_sigma=(0, 1.0), contrast=(1, 1.5), brightness=(1, 0.2)))
-    assert out[0].std() < 0.6 * images[0].std()  # noise averaged away
-    assert abs(float(out[0].mean() - images[0].mean())) < 0.01  # a blur moves no brightness
-    torch.testing.assert_close(out[1], (images[1] * 1.5 + 0.2).clamp(0, 1))
-
-
-def test_augment_on_gpu_draws_in_the_loader_and_augments_training_batches_after_the_copy(cache_dir, tmp_path):
-    """data.augment_on=gpu: workers only read and window; the batch is augmented after the copy, seeded as on the CPU."""
-    from ich.data.ondevice import finish_batch
-
-    dm = make_datamodule(cache_dir, tmp_path, augment_on="gpu", augment={"hflip": 1.0, "affine_p": 0.0, "blur_p": 0.0,
-                                                                          "brightness_contrast_p": 0.0})
-    loader = dm.train_dataloader()
-    batch = next(iter(loader))
-    assert batch["augment"].shape == (len(batch["image"]), 7) and torch.equal(batch["augment"], next(iter(loader))["augment"])
-    plain = batch["image"].clone()
-    augmented = finish_batch(batch)
-    assert "augment" not in augmented and augmented["image"].dtype == torch.float32
-    torch.testing.assert_close(augmented["image"], plain.flip(-1).float() / 255)
-    assert "augment" not in next(iter(dm.val_dataloader()))
-
-
-@pytest.mark.parametrize("cache", [False, True])
-def test_window_on_gpu_sends_hu_and_the_device_gives_the_cpu_paths_images(cache_dir, tmp_path, cache):
-    """data.window_on=gpu: one int16 HU channel per slice crosses to the GPU; windowed there, the channels
-    match the CPU path's, in order, within its 256 levels."""
-    from ich.data.ondevice import finish_batch
-
-    settings = dict(context=1, windows=["brain", "subdural", [600, 2800]], augment_on="gpu", cache=cache)
-    cpu = next(iter(make_datamodule(cache_dir, tmp_path, **settings).val_dataloader()))
-    gpu_dm = make_datamodule(cache_dir, tmp_path, window_on="gpu", **settings)
-    batch = next(iter(gpu_dm.val_dataloader()))
-    assert batch["image"].dtype == torch.int16 and batch["image"].shape[1:] == (3, 64, 64)  # three slices of HU
-    assert gpu_dm.num_channels == 9
-    images = finish_batch(batch)["image"]
-    assert images.shape[1:] == (9, 64, 64) and "windows" not in batch
-    assert (images - cpu["image"].float() / 255).abs().max() <= 0.5 / 255 + 1e-6
-
-
-@pytest.mark.parametrize("window_on", ["cpu", "gpu"])
-def test_lightning_finishes_every_batch_on_the_device_before_the_model_sees_it(cache_dir, tmp_path, window_on):
-    import pytorch_lightning as pl
-
-    from ich.module import ICHLitModule
-
-    dm = make_datamodule(cache_dir, tmp_path, augment_on="gpu", window_on=window_on)
-    seen = []
-
-    class Capture(pl.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append((batch["image"].dtype, sorted(batch)))
-
-    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()])
-    trainer.fit(ICHLitModule(backbone="test_resnet", pretrained=False), datamodule=dm)
-    assert seen == [(torch.float32, ["image", "image_id", "target"])]
-
-
-def test_hu_batches_given_to_the_model_directly_say_what_to_do():
-    from ich.module import ICHLitModule
-
-    with pytest.raises(ValueError, match="finish_batch"):
-        ICHLitModule(backbone="test_resnet", pretrained=False)(torch.zeros(1, 3, 32, 32, dtype=torch.int16))
-
-
-def test_unknown_or_conflicting_device_options_are_one_sentence():
-    with pytest.raises(ValueError, match="use cpu .* or gpu"):
-        ICHDataModule(augment_on="tpu")
-    with pytest.raises(ValueError, match="set data.augment_on=gpu as well"):
-        ICHDataModule(window_on="gpu")
-    with pytest.raises(ValueError, match="windowed already"):
-        ICHDataModule(window_on="gpu", augment_on="gpu", cache=True, cache_format="window8")

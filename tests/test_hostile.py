@@ -83,13 +83,14 @@ def messy_folder(tmp_path, monkeypatch):
 
 def test_every_damaged_file_is_skipped_counted_and_listed(messy_folder, tmp_path, caplog):
     csv = messy_folder / "stage_2_train.csv"
-    index, summary, folder = load_or_build_index(messy_folder / "stage_2_train", csv, read_rsna_labels(csv), tmp_path / "cache")
+    index, summary, folder = load_or_build_index(messy_folder / "stage_2_train", csv, read_rsna_labels, tmp_path / "cache")
     assert len(index) == 12, "every good slice is kept"
     expected = pd.Series([reason for _, reason in DAMAGE.values()]).value_counts().to_dict()
-    assert summary.skipped == {**expected, "no_label": 1}
-    assert summary.missing_files == 1  # ID_nofile is labelled but has no DICOM
+    assert summary.skipped == {**expected, "no_label": 1, "missing_file": 1}
+    # listed by id, so a user can find them: ID_nofile is labelled but has no DICOM
     skipped = pd.read_csv(folder / "skipped.csv").set_index("image_id")["skip"]
-    assert skipped.to_dict() == {**{name: reason for name, (_, reason) in DAMAGE.items()}, "ID_nolabel": "no_label"}
+    assert skipped.to_dict() == {**{name: reason for name, (_, reason) in DAMAGE.items()}, "ID_nolabel": "no_label",
+                                 "ID_nofile": "missing_file"}
     # each reason is reported once on the console, with the ids
     assert "ID_mri" in caplog.text and "not_ct" in caplog.text
     assert "pip install" in pd.read_csv(folder / "skipped.csv").set_index("image_id").loc["ID_jpeg2000", "detail"]
@@ -137,12 +138,12 @@ def test_a_slice_that_breaks_mid_epoch_is_skipped_not_fatal(tmp_path, caplog):
     import cv2
     import torch
 
-    from ich.data.dataset import ImageLoader, SliceDataset, collate_skipping
+    from ich.data.dataset import ImageLoader, SliceDataset, as_bytes, collate_skipping
 
     cv2.imwrite(str(tmp_path / "good.png"), np.full((40, 40), 128, np.uint8))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    stacks = [[str(tmp_path / "good.png")], [str(tmp_path / "broken.png")]]
-    dataset = SliceDataset(stacks, np.zeros((2, 1), np.float32), ["good", "broken"], ImageLoader(32))
+    loader = ImageLoader(as_bytes([tmp_path / "good.png", tmp_path / "broken.png"]), 32)
+    dataset = SliceDataset(np.array([[0], [1]]), np.zeros((2, 1), np.float32), as_bytes(["good", "broken"]), loader)
     batch = collate_skipping([dataset[0], dataset[1]])
     assert batch["image_id"] == ["good"] and batch["image"].shape == (1, 3, 32, 32)
     assert torch.equal(batch["image"], torch.full_like(batch["image"], 128))

@@ -1,9 +1,10 @@
 """The LightningDataModule: one interface over the phantom, RSNA DICOMs and image folders.
 
-`prepare_data` writes the phantom, the header index and (with `cache=true`) the slice cache once
-(rank 0); `setup` reads slices from the cache or the DICOMs, filters blank slices,
-splits by patient, keeps the slices the task needs, balances the training split, and builds one
-dataset per stage. What was used and what was skipped is counted in `summary`.
+`prepare_data` writes the phantom, the header index and (with `cache=true`) the slice cache, once a
+run (rank 0); `setup` reads the index (nothing else when it is fresh), finds each slice's neighbours
+in its series, filters blank slices, splits by patient, keeps the slices the task needs, balances the
+training split, and builds one dataset per stage. What was used and what was skipped is counted in
+`summary`; what the model needs to know about its inputs is `inputs`, saved in every checkpoint.
 """
 
 import hashlib
@@ -21,14 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ich.data.augment import augmentation_for
-from ich.data.cache import SliceCache, check_format, load_or_build_cache
+from ich.data.augment import build_augmentation
+from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.dataset import (
     CacheLoader,
     DicomLoader,
     EpochShuffle,
     ImageLoader,
     SliceDataset,
+    as_bytes,
     collate_skipping,
     init_worker,
 )
@@ -81,16 +83,28 @@ def task_targets(table: pd.DataFrame, task: Task) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def context_stacks(table: pd.DataFrame, context: int, key: str = "path") -> list[list]:
-    """Per slice the `key` (path, or cache row) of slices s-k..s+k of its series, repeating the edge slices."""
-    if context == 0:
-        return [[k] for k in table[key].tolist()]
-    keys_by_series = {s: g.sort_values("slice_index")[key].tolist() for s, g in table.groupby("series")}
-    stacks = []
-    for series, i in zip(table["series"], table["slice_index"]):
-        keys = keys_by_series[series]
-        stacks.append([keys[min(max(i + d, 0), len(keys) - 1)] for d in range(-context, context + 1)])
-    return stacks
+def neighbour_rows(index: pd.DataFrame, context: int) -> np.ndarray:
+    """int [N, 2k+1]: per index row, the rows of slices s-k..s+k of its series (edge slices repeated).
+
+    Neighbours are found in the whole index, before any slice is filtered out, so they are the true
+    anatomical neighbours (a blank slice dropped from training can still be one), and the centre column
+    is always the row itself. The index keeps each series' slices together in slice order (ich.data.index).
+    """
+    rows = np.arange(len(index))
+    if context == 0 or "series" not in index:
+        return rows[:, None]
+    position = index["slice_index"].to_numpy(np.int64)
+    first = rows - position
+    length = index["series_length"].to_numpy(np.int64)
+    series = pd.factorize(index["series"])[0]
+    last = first + length - 1
+    if first.min() < 0 or last.max() >= len(index) or not (
+        np.array_equal(series[first], series) and np.array_equal(series[last], series)
+    ):
+        raise ValueError("The index does not hold each series' slices together in slice order: "
+                         "rebuild it with `python -m ich.prepare force=true`.")
+    offsets = np.arange(-context, context + 1)
+    return first[:, None] + np.clip(position[:, None] + offsets, 0, length[:, None] - 1)
 
 
 def resolve_workers(num_workers: int | str, devices: int = 1) -> int:
@@ -114,7 +128,6 @@ class ICHDataModule(pl.LightningDataModule):
         labels: str | None = None,
         cache_dir: str = "~/.cache/ich",
         cache: bool = False,
-        cache_format: str = "hu16",
         windows: list = ("brain", "subdural", "bone"),
         context: int = 0,
         image_size: int = 256,
@@ -128,8 +141,6 @@ class ICHDataModule(pl.LightningDataModule):
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         augment: dict | None = None,
-        augment_on: str = "cpu",
-        window_on: str = "cpu",
         phantom: dict | None = None,
         output_dir: str | None = None,
     ):
@@ -146,35 +157,39 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
         if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
             raise ValueError(f"data.num_workers={num_workers!r}: give a number of processes (0 = none) or auto.")
-        check_format(cache_format)
-        if augment_on not in ("cpu", "gpu"):
-            raise ValueError(f"data.augment_on={augment_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
-        if window_on not in ("cpu", "gpu"):
-            raise ValueError(f"data.window_on={window_on!r}: use cpu (loader workers) or gpu (the batch, after the copy).")
-        if window_on == "gpu" and augment_on != "gpu":
-            raise ValueError("data.window_on=gpu sends HU to the GPU, where the windows are applied; augmentation "
-                             "works on windowed images, so set data.augment_on=gpu as well.")
-        if window_on == "gpu" and (source == "images" or cache and cache_format == "window8"):
-            raise ValueError("data.window_on=gpu needs HU: PNG/JPG folders and the window8 cache are windowed "
-                             "already; set data.window_on=cpu.")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
             raise ValueError(f"data.pin_memory={pin_memory!r}: use true, false or auto (true when CUDA is available).")
         self.task = get_task(task, label)
         self.source, self.image_dir, self.labels = source, image_dir, labels
         self.root = Path(root).expanduser() if root else None
         self.cache_dir = Path(cache_dir).expanduser()
-        self.cache, self.cache_format = bool(cache), cache_format
+        self.cache = bool(cache)
         self.windows = tuple(parse_windows(windows))
         self.context, self.image_size, self.min_brain_fraction = int(context), int(image_size), float(min_brain_fraction)
         self.split, self.split_file, self.seed = tuple(split), split_file, int(seed)
         self.balance, self.balance_ratio = balance, float(balance_ratio)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
-        self.augment, self.augment_on, self.window_on = dict(augment or {}), augment_on, window_on
+        self.augment = dict(augment or {})
         self.phantom = dict(phantom or {})
         self.output_dir = Path(output_dir) if output_dir else None
         self.datasets: dict[str, SliceDataset] = {}
         self.tables: dict[str, pd.DataFrame] = {}
         self.summary: dict = {}
+        self._index: pd.DataFrame | None = None  # every usable slice of the source, read once a run
+        self._slice_cache: SliceCache | None = None
+
+    # -- what the model needs to know about its inputs --------------------------------------------
+    @property
+    def inputs(self) -> dict:
+        """How a slice becomes the model's input: saved in checkpoints (ich.module), so that evaluation and
+        prediction shape new data exactly as training did, and refuse data options that contradict it."""
+        return {
+            "source": "images" if self.source == "images" else "dicom",
+            "windows": None if self.source == "images" else [[w.center, w.width] for w in self.windows],
+            "context": self.context,
+            "image_size": self.image_size,
+            "channels": self.num_channels,
+        }
 
     # -- the full table of usable slices --------------------------------------------------------
     def _dicom_root(self) -> Path:
@@ -184,27 +199,26 @@ class ICHDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"data.root={self.root} does not exist: point it at the RSNA download folder.")
         return self.root
 
-    def _slice_table(self) -> pd.DataFrame:
-        if self.source == "images":
-            return self._image_table()
-        index, summary, _ = self.build_index()
-        self.summary["skipped"] = dict(summary.skipped, missing_file=summary.missing_files)
-        return index
+    def _full_index(self) -> pd.DataFrame:
+        """Every slice of the source that has a file and labels, in index order (row i = slice-cache row i)."""
+        if self._index is None:
+            if self.source == "images":
+                self._index = self._image_table()
+            else:
+                self._index, summary, _ = self.build_index()
+                self.summary["skipped"] = dict(summary.skipped)
+        return self._index
 
     def build_index(self, force: bool = False, workers: int | None = None) -> tuple[pd.DataFrame, IndexSummary, Path]:
         """The header index of a DICOM source (written on first use, reused after)."""
         root = self._dicom_root()
         labels_csv = find_rsna_labels(root)
         images = find_rsna_images(root, self.image_dir)
-        return load_or_build_index(images, labels_csv, read_rsna_labels(labels_csv), self.cache_dir, workers, force)
+        return load_or_build_index(images, labels_csv, read_rsna_labels, self.cache_dir, workers, force)
 
     def build_cache(self, index: pd.DataFrame | None = None, workers: int | None = None) -> SliceCache:
-        """The slice cache of a DICOM source's index at data.image_size in data.cache_format (converted on
-        first use, finished if cut short)."""
-        if index is None:
-            index, _, _ = self.build_index()
-        return load_or_build_cache(index, self.cache_dir, self.image_size, workers,
-                                   cache_format=self.cache_format, windows=self.windows)
+        """The slice cache of a DICOM source's index at data.image_size (converted on first use, finished if cut short)."""
+        return load_or_build_cache(self._full_index() if index is None else index, self.cache_dir, self.image_size, workers)
 
     def _image_table(self) -> pd.DataFrame:
         table = read_image_table(self.root, Path(self.labels).expanduser(), self.task.outputs)
@@ -217,10 +231,12 @@ class ICHDataModule(pl.LightningDataModule):
         return table[exists].reset_index(drop=True)
 
     def prepare_data(self) -> None:
-        if self.source != "images":
-            index = self._slice_table()
-            if self.cache:
-                self.build_cache(index)
+        """Write or check the phantom, the index and the slice cache; once a run, however often Lightning calls."""
+        if self.source == "images" or self._index is not None:
+            return
+        index = self._full_index()
+        if self.cache:
+            self._slice_cache = self.build_cache(index)
 
     # -- stages ---------------------------------------------------------------------------------
     def _stages(self, table: pd.DataFrame) -> pd.Series:
@@ -239,30 +255,24 @@ class ICHDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        table = self._slice_table()
-        found = len(table)
-        cache = None
-        if self.cache:
-            cache = self.build_cache(table)
-            table = table.assign(cache_row=np.arange(len(table)))  # the cache's rows follow the index
-            if cache.failed:
-                self.summary["failed_in_cache"] = len(cache.failed)
+        index = self._full_index()
+        loader = self._loader(index)
+        neighbours = neighbour_rows(index, self.context)
+        image_ids = as_bytes(index["image_id"])
+        table = index.assign(row=np.arange(len(index)))
         if self.source != "images" and self.min_brain_fraction > 0:
             blank = table["brain_fraction"] < self.min_brain_fraction
             self.summary.setdefault("skipped", {})["little_brain"] = int(blank.sum())
             table = table[~blank]
             if table.empty:
                 raise ValueError(
-                    f"No slices left: data.min_brain_fraction={self.min_brain_fraction} dropped all {found}; lower it."
+                    f"No slices left: data.min_brain_fraction={self.min_brain_fraction} dropped all {len(index)}; lower it."
                 )
-        key = "cache_row" if cache else "path"
-        stacks = dict(zip(table["image_id"], context_stacks(table, self.context, key))) if self.source != "images" else None
         table = table.assign(split=self._stages(table))
         table = table[task_rows(table, self.task) & table["split"].notna()]
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
-        loader = self._loader(table, cache)
-        augmentation = augmentation_for(self.augment_on, self.augment)
+        augmentation = build_augmentation(**self.augment)
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
@@ -270,32 +280,34 @@ class ICHDataModule(pl.LightningDataModule):
                 classes = task_targets(part, self.task) if self.task.loss == "ce" else part[self.task.outputs[0]].to_numpy()
                 part = undersample(part, classes, self.balance_ratio, self.seed)
             self.tables[name] = part.reset_index(drop=True)
-            part_stacks = [stacks[i] for i in part["image_id"]] if stacks else [[p] for p in part["path"]]
+            rows = part["row"].to_numpy()
             self.datasets[name] = SliceDataset(
-                part_stacks,
+                neighbours[rows],
                 task_targets(part, self.task),
-                part["image_id"].tolist(),
+                image_ids[rows],
                 loader,
                 transform=augmentation if name == "train" else None,
                 seed=self.seed,
             )
         self.summary.update(
-            slices_found=found,
+            slices_found=len(index),
             slices={name: len(ds) for name, ds in self.datasets.items()},
             patients={name: int(self.tables[name]["patient"].nunique()) for name in STAGES},
         )
+        if self._slice_cache is not None and self._slice_cache.failed:
+            self.summary["failed_in_cache"] = len(self._slice_cache.failed)
         log.info("Data: %s", json.dumps(self.summary))
 
-    def _loader(self, table: pd.DataFrame, cache: SliceCache | None):
-        if cache is not None:
-            return CacheLoader(cache, self.windows, window_on_device=self.window_on == "gpu")
+    def _loader(self, index: pd.DataFrame):
+        """What turns an index row into windowed planes: the slice cache, the DICOM file, or the image file."""
+        if self.cache:
+            self._slice_cache = self._slice_cache or self.build_cache(index)
+            return CacheLoader(self._slice_cache, self.windows)
         if self.source != "images":
-            return self._dicom_loader()
-        first = cv2.imread(table["path"].iloc[0], cv2.IMREAD_UNCHANGED)
-        return ImageLoader(self.image_size, channels=1 if first is None or first.ndim == 2 else 3)
-
-    def _dicom_loader(self) -> DicomLoader:
-        return DicomLoader(self.windows, self.image_size, window_on_device=self.window_on == "gpu")
+            return DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
+        first = cv2.imread(index["path"].iloc[0], cv2.IMREAD_UNCHANGED)
+        channels = 1 if first is None or first.ndim == 2 else 3
+        return ImageLoader(as_bytes(index["path"]), self.image_size, channels)
 
     # -- what the model needs to know -----------------------------------------------------------
     @property
@@ -346,18 +358,19 @@ class ICHDataModule(pl.LightningDataModule):
         return self.loader(self.datasets["train"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["val"], shuffle=False)
+        return self.loader(self.datasets["val"])
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["test"], shuffle=False)
+        return self.loader(self.datasets["test"])
 
     def predict_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["test"], shuffle=False)
+        return self.loader(self.datasets["test"])
 
     def folder_dataloader(self, folder: str | Path) -> DataLoader:
         """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
         index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
         self.tables["folder"] = index
-        zeros = np.zeros(len(index), np.int64) if self.task.loss == "ce" else np.zeros((len(index), self.task.num_outputs), np.float32)
-        dataset = SliceDataset(context_stacks(index, self.context), zeros, index["image_id"].tolist(), self._dicom_loader())
-        return self.loader(dataset)
+        shape = (len(index),) if self.task.loss == "ce" else (len(index), self.task.num_outputs)
+        zeros = np.zeros(shape, np.int64 if self.task.loss == "ce" else np.float32)
+        loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
+        return self.loader(SliceDataset(neighbour_rows(index, self.context), zeros, as_bytes(index["image_id"]), loader))

@@ -1,4 +1,8 @@
-"""Slices of one split as uint8 tensors: read, window, stack the context slices, augment."""
+"""Slices of one split as uint8 tensors: read, window, stack the context slices, augment.
+
+One path per source: a DICOM (or its row of the slice cache) is read as int16 HU and windowed into
+uint8 planes here, in the loader workers, and nowhere else; PNG/JPG slices come windowed already.
+"""
 
 import ctypes
 import logging
@@ -12,7 +16,6 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from ich.data.augment import DeviceAugmentation
 from ich.data.cache import SliceCache
 from ich.data.dicom import DicomReadError, read_hu_square
 from ich.data.windows import Window, merge_channels, window_planes
@@ -25,37 +28,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @dataclass(frozen=True)
 class DicomLoader:
-    """DICOM -> int16 HU on a square of `size` -> one uint8 plane per window (or, windowed on the
-    device, the HU plane itself)."""
+    """Index row -> its DICOM file as int16 HU on a square of `size` -> one uint8 plane per window.
 
+    `paths` is a numpy array of byte strings (one per index row), not a list of Python strings: loader
+    workers would copy every string object they touch (reference counts), an array they only read.
+    """
+
+    paths: np.ndarray
     windows: tuple[Window, ...]
     size: int
-    window_on_device: bool = False
-
-    @property
-    def channels(self) -> int:
-        """Channels per slice that reach the model."""
-        return len(self.windows)
-
-    def __call__(self, path: str) -> list[np.ndarray]:
-        hu = read_hu_square(path, self.size)
-        return [hu] if self.window_on_device else window_planes(hu, self.windows)
-
-
-@dataclass(frozen=True)
-class CacheLoader:
-    """A row of the slice cache -> one uint8 plane per window: the DicomLoader's result, without the DICOM."""
-
-    cache: SliceCache
-    windows: tuple[Window, ...]
-    window_on_device: bool = False
-
-    def __post_init__(self) -> None:
-        if self.cache.format == "window8" and self.cache.windows != tuple(self.windows):
-            raise ValueError(f"The slice cache {self.cache.folder} holds other windows than data.windows: "
-                             "build it again with these windows, or use data.cache_format=hu16.")
-        if self.cache.format == "window8" and self.window_on_device:
-            raise ValueError("A window8 slice cache is windowed already: it cannot be windowed on the device.")
 
     @property
     def channels(self) -> int:
@@ -63,20 +44,35 @@ class CacheLoader:
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
-        stored = self.cache.row(row)
-        if self.cache.format == "window8":
-            return list(stored)
-        return [stored] if self.window_on_device else window_planes(stored, self.windows)
+        return window_planes(read_hu_square(self.paths[row].decode(), self.size), self.windows)
+
+
+@dataclass(frozen=True)
+class CacheLoader:
+    """Index row -> the same planes as DicomLoader, from the slice cache (whose rows follow the index)."""
+
+    cache: SliceCache
+    windows: tuple[Window, ...]
+
+    @property
+    def channels(self) -> int:
+        """Channels per slice that reach the model."""
+        return len(self.windows)
+
+    def __call__(self, row: int) -> list[np.ndarray]:
+        return window_planes(self.cache.row(row), self.windows)
 
 
 @dataclass(frozen=True)
 class ImageLoader:
-    """An already windowed PNG/JPG slice -> its channels as uint8 planes of `size` (16-bit images scaled to 8)."""
+    """Table row -> an already windowed PNG/JPG slice as uint8 planes of `size` (16-bit images scaled to 8)."""
 
+    paths: np.ndarray
     size: int
     channels: int = 1
 
-    def __call__(self, path: str) -> list[np.ndarray]:
+    def __call__(self, row: int) -> list[np.ndarray]:
+        path = self.paths[row].decode()
         image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         if image is None:
             raise OSError(f"{path} is not a readable PNG/JPG image.")
@@ -89,51 +85,53 @@ class ImageLoader:
         return [cv2.resize(plane, (self.size, self.size), interpolation=cv2.INTER_AREA) for plane in planes]
 
 
+def as_bytes(values) -> np.ndarray:
+    """Strings (ids, paths) as one fixed-width byte array: no Python object per row."""
+    return np.asarray([str(v) for v in values], dtype=bytes) if len(values) else np.zeros(0, "S1")
+
+
 class SliceDataset(Dataset):
-    """One item per slice; with context, the neighbouring slices' channels come along.
+    """One item per labelled slice: its stack of rows read, windowed, merged into channels, augmented.
+
+    Every per-slice field is a numpy array, so DataLoader workers share it with the main process
+    instead of copying it (see STYLE.md, point 14).
 
     Args:
-        stacks: per item what the loader reads (paths, or slice-cache rows), neighbours first to last
-            (one entry without context).
+        stacks: int [N, 2k+1], per item the rows the loader reads: the slice's neighbours s-k..s+k in its
+            series (one column without context). The centre column is the labelled slice itself.
         targets: per item the target row (float labels, or a class index for subtype).
-        image_ids: per item the id reported in predictions.
-        loader: turns one entry of a stack into HxW uint8 planes, one per channel.
-        transform: an albumentations pipeline (applied here), a DeviceAugmentation (its parameters drawn
-            here, applied to the batch on the GPU), or None for validation and test.
+        image_ids: byte strings [N], per item the id reported in predictions.
+        loader: turns one row into HxW uint8 planes, one per channel.
+        transform: an albumentations pipeline for training, or None for validation and test.
     """
 
-    def __init__(
-        self,
-        stacks: list[list[str]] | list[list[int]],
-        targets: np.ndarray,
-        image_ids: list[str],
-        loader,
-        transform=None,
-        seed: int = 0,
-    ):
-        self.stacks, self.targets, self.image_ids = stacks, targets, image_ids
+    def __init__(self, stacks: np.ndarray, targets: np.ndarray, image_ids: np.ndarray, loader,
+                 transform: A.BaseCompose | None = None, seed: int = 0):
+        stacks = np.asarray(stacks, dtype=np.int64)
+        self.stacks = stacks if stacks.ndim == 2 else stacks[:, None]
+        self.targets, self.image_ids = targets, image_ids
         self.loader, self.transform, self.seed = loader, transform, seed
-        self.hu_planes = getattr(loader, "window_on_device", False)
-        if self.hu_planes and isinstance(transform, A.BaseCompose):
-            raise ValueError("Slices windowed on the device reach the dataset as HU: augment them on the device too.")
-        # Batches of HU say which windows the device applies (see ich.data.ondevice).
-        self._windows = torch.tensor([[w.center, w.width] for w in loader.windows]) if self.hu_planes else None
 
     def __len__(self) -> int:
         return len(self.stacks)
 
+    def subset(self, items: np.ndarray, transform: A.BaseCompose | None = None) -> "SliceDataset":
+        """These items only (row numbers of this dataset), with `transform` instead of this one's."""
+        return SliceDataset(self.stacks[items], self.targets[items], self.image_ids[items], self.loader,
+                            transform, self.seed)
+
     @property
     def channels(self) -> int:
-        return max(3, self.loader.channels * len(self.stacks[0])) if self.stacks else 0
+        return max(3, self.loader.channels * self.stacks.shape[1])
 
     def image(self, i: int, epoch: int | None = None) -> np.ndarray:
-        """Slice `i` as an HxWxC uint8 image (int16 HU, one channel per slice, when windowed on the device);
-        with an `epoch` (from EpochShuffle) its augmentation is seeded by (seed, epoch, i)."""
-        planes = [plane for key in self.stacks[i] for plane in self.loader(key)]
-        if len(planes) == 1 and not self.hu_planes:
-            planes *= 3  # one window: three identical channels for ImageNet stems (HU: on the device)
+        """Slice `i` as an HxWxC uint8 image; with an `epoch` (from EpochShuffle) its augmentation is
+        seeded by (seed, epoch, i)."""
+        planes = [plane for row in self.stacks[i] for plane in self.loader(int(row))]
+        if len(planes) == 1:
+            planes *= 3  # one window: three identical channels for ImageNet stems
         image = merge_channels(planes)
-        if isinstance(self.transform, A.BaseCompose):
+        if self.transform is not None:
             if epoch is not None:
                 self.transform.set_random_seed(self._seed(i, epoch))
             image = self.transform(image=image)["image"]
@@ -148,18 +146,11 @@ class SliceDataset(Dataset):
             image = self.image(i, epoch)
         except (DicomReadError, OSError) as err:
             # The index read every file once; a file failing now changed on disk. Skip the slice, say which.
-            log.warning("Skipping %s in this batch: %s", self.image_ids[i], err)
+            log.warning("Skipping %s in this batch: %s", self.image_ids[i].decode(), err)
             return None
         # CxHxW as the models take it, over HxWxC memory: collate_skipping copies each in one piece.
-        item = {"image": torch.from_numpy(image).permute(2, 0, 1), "target": torch.as_tensor(self.targets[i]),
-                "image_id": self.image_ids[i]}
-        if self._windows is not None:
-            item["windows"] = self._windows
-        if isinstance(self.transform, DeviceAugmentation):
-            # The parameters only; ich.data.ondevice.finish_batch moves the pixels on the GPU.
-            rng = np.random.default_rng(None if epoch is None else [self.seed, epoch, i])
-            item["augment"] = torch.from_numpy(self.transform.draw(rng))
-        return item
+        return {"image": torch.from_numpy(image).permute(2, 0, 1), "target": torch.as_tensor(self.targets[i]),
+                "image_id": self.image_ids[i].decode()}
 
 
 class EpochShuffle(DistributedSampler):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from ich.tasks import LABELS
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 BRAIN_HU = (0.0, 80.0)  # the brain window: CSF, grey and white matter, fresh blood
 
 
@@ -40,7 +41,7 @@ class IndexSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     labels_file: str | None = None
     labels_stamp: list[float] = field(default_factory=list)  # size and mtime of the label file
-    missing_files: int = 0  # labelled ids with no DICOM
+    images_stamp: list[float] = field(default_factory=list)  # size and mtime of the DICOM folder itself
     positives: dict[str, int] = field(default_factory=dict)  # label -> slices
     version: int = INDEX_VERSION
 
@@ -48,7 +49,6 @@ class IndexSummary:
         out = [f"files found: {self.files_found}", f"read: {self.read}"]
         out += [f"skipped ({reason}): {count}" for reason, count in sorted(self.skipped.items())]
         if self.labels_file:
-            out.append(f"labelled ids without a file: {self.missing_files}")
             out += [f"images with {name}: {self.positives.get(name, 0)}" for name in LABELS]
         return out
 
@@ -111,7 +111,8 @@ def list_dicoms(image_dir: Path) -> list[Path]:
 
 
 def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
-    """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None)."""
+    """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None), and merge
+    the labels in: the index is the one table of slices that training reads."""
     files = list_dicoms(image_dir)
     summary = IndexSummary(files_found=len(files))
     skipped: list[dict] = []
@@ -120,7 +121,8 @@ def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> t
         unlabelled = [f for f in files if f.stem not in known]
         skipped += [{"image_id": f.stem, "skip": "no_label", "detail": "no row in the label file"} for f in unlabelled]
         files = [f for f in files if f.stem in known]
-        summary.missing_files = len(known - {f.stem for f in files})
+        missing = sorted(known - {f.stem for f in files})
+        skipped += [{"image_id": i, "skip": "missing_file", "detail": "labelled, but no DICOM file"} for i in missing]
     rows = _scan_all([str(f) for f in files], workers)
     skipped += [row for row in rows if "skip" in row]
     index = pd.DataFrame([row for row in rows if "skip" not in row])
@@ -151,27 +153,35 @@ def _stamp(path: Path | None) -> list[float]:
 def load_or_build_index(
     image_dir: Path,
     labels_csv: Path | None,
-    labels: pd.DataFrame | None,
+    read_labels: Callable[[Path], pd.DataFrame] | None,
     cache_dir: Path,
     workers: int | None = None,
     force: bool = False,
 ) -> tuple[pd.DataFrame, IndexSummary, Path]:
-    """Reuse the index when the folder and label file are unchanged; otherwise scan again."""
+    """Reuse the index when the DICOM folder and the label file are unchanged; otherwise scan again.
+
+    Whether it is fresh is told by two stat calls (the label file, the DICOM folder), so a fresh index
+    costs one parquet read: the label file (4.5 M rows for RSNA) is parsed by `read_labels` and the
+    folder walked only when the index is built. Files added to or removed from subfolders of a nested
+    folder do not change the folder's own stamp: `python -m ich.prepare force=true` rescans.
+    """
     folder = index_dir(cache_dir, image_dir, labels_csv)
     index_path, summary_path = folder / "index.parquet", folder / "summary.json"
     if not force and index_path.is_file() and summary_path.is_file():
-        summary = IndexSummary(**json.loads(summary_path.read_text()))
+        saved = json.loads(summary_path.read_text())
         fresh = (
-            summary.version == INDEX_VERSION
-            and summary.labels_stamp == _stamp(labels_csv)
-            and summary.files_found == sum(1 for _ in image_dir.rglob("*.dcm"))
+            saved.get("version") == INDEX_VERSION
+            and saved["labels_stamp"] == _stamp(labels_csv)
+            and saved["images_stamp"] == _stamp(image_dir)
         )
         if fresh:
-            return pd.read_parquet(index_path), summary, folder
+            return pd.read_parquet(index_path), IndexSummary(**saved), folder
         log.info("The files or labels under %s changed since the index was built: scanning again", image_dir)
+    labels = read_labels(labels_csv) if labels_csv is not None and read_labels is not None else None
     index, skipped, summary = build_index(image_dir, labels, workers or os.cpu_count() or 1)
     summary.labels_file = str(labels_csv) if labels_csv else None
     summary.labels_stamp = _stamp(labels_csv)
+    summary.images_stamp = _stamp(image_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
     skipped.to_csv(folder / "skipped.csv", index=False)
