@@ -316,3 +316,36 @@ def test_channels_last_runs_and_compile_keeps_checkpoint_keys():
     compiled.on_save_checkpoint(checkpoint)
     assert checkpoint["hyper_parameters"]["compile"] is False  # a CPU evaluation must not compile
     assert compiled.hparams.compile is True
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's published constants
+
+
+def test_pretrained_backbones_see_their_pretraining_normalisation_and_scratch_ones_plain_0_1(tmp_path):
+    """ImageNet weights expect ImageNet-normalised inputs; a model trained from scratch gets [0, 1] as is."""
+    weights, _ = tiny_weights_file(tmp_path, name="resnet18")  # pretrained on ImageNet, with its statistics
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    unit = image.float() / 255
+    normalised = (unit - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    pretrained = ICHLitModule(backbone="resnet18", weights=str(weights)).eval()
+    scratch = ICHLitModule(backbone="resnet18").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pretrained(image), pretrained.head(pretrained.backbone(normalised)))
+        torch.testing.assert_close(scratch(image), scratch.head(scratch.backbone(unit)))
+        # nine channels (3 windows x 3 slices): each window keeps its colour channel's statistics
+        nine = ICHLitModule(backbone="resnet18", weights=str(weights), in_chans=9).eval()
+        stacked = torch.randint(0, 256, (1, 9, 32, 32), dtype=torch.uint8)
+        mean, std = torch.tensor(IMAGENET_MEAN * 3)[:, None, None], torch.tensor(IMAGENET_STD * 3)[:, None, None]
+        torch.testing.assert_close(nine(stacked), nine.head(nine.backbone((stacked.float() / 255 - mean) / std)))
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    """bf16 logits tie for nearby slices and blur AUROC; the head is computed in float32."""
+    module = tiny().eval()
+    images = torch.rand(64, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = module(images)
+        features = module.backbone(images)
+    assert logits.dtype == torch.float32
+    assert logits.unique().numel() == 64, "no two slices share a score (bf16 logits tie)"
+    torch.testing.assert_close(logits, module.head(features.float()))
