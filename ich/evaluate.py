@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -22,8 +21,8 @@ from torch.utils.data import DataLoader
 from ich.data.datamodule import ICHDataModule
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule
-from ich.plots import confusion_counts, save_confusion_matrices, save_roc_curves
-from ich.results import print_metrics, write_json
+from ich.plots import save_figures
+from ich.results import predictions_table, print_metrics, write_json
 from ich.runs import best_checkpoint, training_run_dir
 from ich.tasks import LABELS, Task
 
@@ -215,46 +214,6 @@ def compute_metrics(task: Task, threshold: float, probs: torch.Tensor, targets: 
     if undefined:
         log.warning("Undefined on these slices (a class absent), written as null: %s", ", ".join(undefined))
     return metrics
-
-
-def predictions_table(
-    task: Task, ids: list[str], patients: pd.Series, probs: torch.Tensor, targets: torch.Tensor
-) -> pd.DataFrame:
-    """One row per slice: image_id, patient, the truth, then `prob_<output>` per output.
-
-    The truth is `target_<label>` (0/1) per output for sigmoid tasks, and for subtype one `target`
-    column holding the subtype's name, so the file reads without the class order at hand.
-    """
-    table = pd.DataFrame({"image_id": ids})
-    table["patient"] = table["image_id"].map(patients)
-    truth = targets.numpy()
-    if task.loss == "ce":
-        table["target"] = [task.outputs[k] for k in truth]
-    else:
-        for k, name in enumerate(task.outputs):
-            table[f"target_{name}"] = truth[:, k].astype(np.int64)
-    for k, name in enumerate(task.outputs):
-        table[f"prob_{name}"] = probs[:, k].numpy()
-    return table
-
-
-def save_figures(output_dir: Path, task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> None:
-    """confusion_matrix.png (one matrix per sigmoid output, or one over the subtypes) and roc.png."""
-    scores = probs.numpy()
-    if task.loss == "ce":
-        truth = targets.numpy()
-        counts = confusion_counts(truth, scores.argmax(axis=1), task.num_outputs)
-        panels = [("subtype (highest probability)", counts, task.outputs)]
-        one_vs_rest = np.eye(task.num_outputs, dtype=np.int64)[truth]
-    else:
-        one_vs_rest = targets.numpy().astype(np.int64)
-        predicted = scores > threshold  # as torchmetrics thresholds
-        panels = [
-            (f"{name} (threshold {threshold:g})", confusion_counts(truth, predicted[:, k], 2), ("no", "yes"))
-            for k, (name, truth) in enumerate(zip(task.outputs, one_vs_rest.T))
-        ]
-    save_confusion_matrices(output_dir / "confusion_matrix.png", panels)
-    save_roc_curves(output_dir / "roc.png", one_vs_rest, scores, task.outputs)
 
 
 def write_submission(

@@ -1,7 +1,8 @@
 """Figures of an evaluation: confusion matrices and ROC curves, drawn from plain numpy arrays.
 
 Every function takes arrays, not models or data modules, so any pipeline that has targets and scores
-(the deep models here, the classical feature-extractor + SVM pipeline) draws the same figures.
+(evaluate.py, the W&B figures of training, the classical feature-extractor + SVM pipeline) draws the same
+figures: `save_figures` writes the pair each of them writes.
 """
 
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
+
+from ich.tasks import Task  # noqa: E402
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -92,3 +95,22 @@ def save_roc_curves(path: Path, targets: np.ndarray, scores: np.ndarray, names: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_figures(output_dir: Path, task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> None:
+    """confusion_matrix.png (one matrix per sigmoid output, or one over the subtypes) and roc.png."""
+    scores = probs.numpy()
+    if task.loss == "ce":
+        truth = targets.numpy()
+        counts = confusion_counts(truth, scores.argmax(axis=1), task.num_outputs)
+        panels = [("subtype (highest probability)", counts, task.outputs)]
+        one_vs_rest = np.eye(task.num_outputs, dtype=np.int64)[truth]
+    else:
+        one_vs_rest = targets.numpy().astype(np.int64)
+        predicted = scores > threshold  # as torchmetrics thresholds
+        panels = [
+            (f"{name} (threshold {threshold:g})", confusion_counts(truth, predicted[:, k], 2), ("no", "yes"))
+            for k, (name, truth) in enumerate(zip(task.outputs, one_vs_rest.T))
+        ]
+    save_confusion_matrices(output_dir / "confusion_matrix.png", panels)
+    save_roc_curves(output_dir / "roc.png", one_vs_rest, scores, task.outputs)

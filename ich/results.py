@@ -1,4 +1,4 @@
-"""Writing and showing results: flat metrics as JSON and as a table on the console."""
+"""Writing and showing results: flat metrics as JSON and as a table on the console, predictions as a table."""
 
 import json
 import math
@@ -6,8 +6,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
 from rich.console import Console
 from rich.table import Table
+
+from ich.tasks import Task
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -35,3 +40,24 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
         shown = "undefined" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
         table.add_row(name, shown)
     Console().print(table)
+
+
+def predictions_table(
+    task: Task, ids: list[str], patients: pd.Series, probs: torch.Tensor, targets: torch.Tensor
+) -> pd.DataFrame:
+    """One row per slice: image_id, patient, the truth, then `prob_<output>` per output.
+
+    The truth is `target_<label>` (0/1) per output for sigmoid tasks, and for subtype one `target`
+    column holding the subtype's name, so the file reads without the class order at hand.
+    """
+    table = pd.DataFrame({"image_id": ids})
+    table["patient"] = table["image_id"].map(patients)
+    truth = targets.numpy()
+    if task.loss == "ce":
+        table["target"] = [task.outputs[k] for k in truth]
+    else:
+        for k, name in enumerate(task.outputs):
+            table[f"target_{name}"] = truth[:, k].astype(np.int64)
+    for k, name in enumerate(task.outputs):
+        table[f"prob_{name}"] = probs[:, k].numpy()
+    return table

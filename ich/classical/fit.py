@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from ich.classical.classifiers import Fitted, fit_search, probabilities
 from ich.classical.features import Split, load_or_extract
 from ich.classical.saving import save_classifier
-from ich.evaluate import predictions_table, save_figures
 from ich.metrics import build_metrics
-from ich.results import print_metrics, write_json
+from ich.plots import save_figures
+from ich.results import predictions_table, print_metrics, write_json
 from ich.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
