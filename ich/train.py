@@ -149,10 +149,6 @@ def find_lr(trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule,
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
-    if cfg.task.name == "per_label":  # one binary model per label, as one paper did: its own pipeline
-        from ich.classical.per_label import run as run_per_label
-
-        return run_per_label(cfg)
     cfg, resume_from = resume_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)

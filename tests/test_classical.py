@@ -1,4 +1,4 @@
-"""Frozen-backbone features with scikit-learn classifiers, and the per-label models, on phantom DICOMs."""
+"""Frozen-backbone features with scikit-learn classifiers, one task or one label at a time, on phantom DICOMs."""
 
 import json
 import os
@@ -13,16 +13,15 @@ import timm
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from conftest import FAST_RUN, SMALL_PHANTOM, compose_config
+from conftest import SMALL_PHANTOM, compose_config
 from ich import CONFIG_DIR
 from ich.classical import features as features_module
 from ich.classical.classifiers import grouped_folds, param_distributions, probabilities
 from ich.classical.features import Split, load_or_extract
 from ich.classical.fit import run
-from ich.classical.per_label import run as run_per_label
 from ich.classical.saving import load_classifier
 from ich.evaluate import compute_metrics
-from ich.tasks import LABELS, get_task
+from ich.tasks import get_task
 
 ROOT = CONFIG_DIR.parent
 # A tiny backbone on small slices, and a search of two settings on two folds: seconds per fit.
@@ -175,25 +174,21 @@ def test_a_malformed_search_range_names_the_key():
         param_distributions({"C": {"log": [0.1]}}, "clf__")
 
 
-def test_per_label_reports_six_rows_and_their_average(cache_dir, tmp_path):
-    # pixels as features, as the paper fed its classifiers; every label is its own balanced binary task
-    metrics = fit(tmp_path, "task=per_label", "classifier=logreg", "features=pixels", "data.image_size=32")
-    table = pd.read_csv(tmp_path / "per_label.csv", index_col="label")
-    assert list(table.index) == [*LABELS, "average"]
-    assert {"acc", "precision", "sensitivity"} <= set(table.columns)
-    assert 0 <= metrics["test/acc_any"] <= 1 and metrics["test/acc"] == pytest.approx(table.loc["average", "acc"])
-    assert table.loc["any", "train_slices"] % 2 == 0  # a 50/50 sample: as many negatives as positives
-    predictions = pd.read_csv(tmp_path / "predictions.csv")
-    assert set(predictions["label"]) <= set(LABELS) and "any" in set(predictions["label"])
-    assert "| label | accuracy | precision | recall |" in (tmp_path / "per_label.md").read_text()
+def test_a_per_label_classifier_fits_its_label_on_a_training_split_balanced_on_it(cache_dir, tmp_path):
+    # the per-label paper's setting: pixels as features, the binary task of one label, its training split 50/50
+    per_label = ["task.label=subdural", "data.balance=undersample", "features=pixels", "data.image_size=32"]
+    metrics = fit(tmp_path / "fit", *per_label, "classifier=logreg")
+    assert expected_names("binary") <= set(metrics)
+    assert list(pd.read_csv(tmp_path / "fit" / "predictions.csv").columns) == [
+        "image_id", "patient", "target_subdural", "prob_subdural"]
+    assert json.loads((tmp_path / "fit" / "classifier.json").read_text())["outputs"] == ["subdural"]
 
-
-def test_per_label_networks_train_one_model_per_label(cache_dir, tmp_path):
-    cfg = compose_config("train", [*FAST_RUN, "task=per_label", f"output_dir={tmp_path}"])
-    metrics = run_per_label(cfg)
-    table = pd.read_csv(tmp_path / "per_label.csv", index_col="label")
-    assert list(table.index) == [*LABELS, "average"]
-    trained = [label for label in LABELS if not np.isnan(table.loc[label, "acc"])]
-    assert "any" in trained and metrics["test/sensitivity"] == pytest.approx(table.loc["average", "sensitivity"])
-    for label in trained:  # each label trains in its own folder, so checkpoints never mix
-        assert any((tmp_path / label / "checkpoints").glob("*.ckpt"))
+    extract = [*TINY, *per_label, f"output_dir={tmp_path / 'extract'}"]
+    splits, folder = load_or_extract(compose_config("extract", extract))
+    assert json.loads((folder / "features.json").read_text())["outputs"] == ["subdural"]
+    train = splits["train"].targets[:, 0]
+    assert 0 < train.sum() and train.mean() == 0.5  # as many subdural slices as others
+    assert metrics["data/slices_train"] == len(train)
+    # another label is another task: its features live under another key, never read for subdural
+    _, any_folder = load_or_extract(compose_config("extract", [*extract, "task.label=any"]))
+    assert any_folder != folder

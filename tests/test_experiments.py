@@ -1,13 +1,20 @@
 """Named recipes (conf/experiment) and the learning-rate finder, on the phantom and the CPU."""
 
+import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import FAST_RUN, SMALL_PHANTOM, compose_config
 from ich import CONFIG_DIR
-from ich.train import run
+from ich.data.datamodule import ICHDataModule
+from ich.tasks import LABELS
+from ich.train import build_module, run
 
 RECIPES = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # Networks whose layer widths fix their input size keep the recipe's size; every other recipe runs at 64 px.
@@ -24,7 +31,7 @@ def offline_and_small(recipe_cfg) -> list[str]:
 
 def test_every_paper_has_a_recipe():
     assert {"resnet50_frozen_bn", "fastai_resnet18_onecycle", "class_weighted_multilabel", "rsna_strong",
-            "frozen_features_linear", "small_cnn_balanced"} <= set(RECIPES)
+            "frozen_features_linear", "per_label"} <= set(RECIPES)
 
 
 @pytest.mark.slow
@@ -58,6 +65,44 @@ def test_recipes_set_what_their_papers_did():
 
     weighted = compose_config("train", ["experiment=class_weighted_multilabel", "output_dir=unused"])
     assert weighted.task.class_weights and weighted.data.balance == "undersample"
+
+
+def multirun_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs `python train.py -m <overrides>` launches from the config's hydra.sweeper.params, expanded as
+    Hydra's basic sweeper expands them (the product of every swept key's values)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        sweeper = compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra.sweeper
+    assert sweeper._target_.endswith("BasicSweeper"), f"another sweeper reads hydra.sweeper.params: {sweeper._target_}"
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in sweeper.params.items()])
+    values = [[f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()] for override in parsed]
+    return [list(job) for job in itertools.product(*values)]
+
+
+def test_per_label_multirun_trains_the_papers_small_cnn_once_per_label():
+    jobs = multirun_jobs(["experiment=per_label"])
+    assert jobs == [[f"task.label={label}"] for label in LABELS]
+    for job in jobs:
+        cfg = compose_config("train", ["experiment=per_label", *job, "output_dir=unused"])
+        assert cfg.task.name == "binary" and f"task.label={cfg.task.label}" == job[0]
+        assert cfg.model.backbone == "simple_cnn" and cfg.data.image_size == 128 and list(cfg.data.windows) == ["brain"]
+        assert cfg.data.balance == "undersample" and cfg.data.balance_ratio == 1.0
+        assert cfg.callbacks.early_stopping.patience == 3 and cfg.callbacks.early_stopping.monitor == "val/loss"
+
+
+def test_a_per_label_run_trains_on_its_label_with_a_training_split_balanced_50_50(cache_dir, tmp_path):
+    overrides = ["experiment=per_label", "task.label=subdural", "data.num_workers=0", *SMALL_PHANTOM]
+    cfg = compose_config("train", [*overrides, f"output_dir={tmp_path}"])
+    datamodule = ICHDataModule.from_config(cfg)
+    datamodule.prepare_data()
+    datamodule.setup()
+    train = datamodule.tables["train"]
+    assert np.array_equal(datamodule.datasets["train"].targets[:, 0], train["subdural"].to_numpy())
+    assert 0 < train["subdural"].sum() and train["subdural"].mean() == 0.5
+    assert train["any"].mean() != 0.5  # balanced on subdural, not on `any`
+    assert datamodule.tables["test"]["subdural"].mean() < 0.5  # validation and test keep the label's prevalence
+    model = build_module(cfg, datamodule)
+    assert model.task.outputs == ("subdural",) and model.hparams.label == "subdural"
 
 
 def test_command_line_wins_over_a_recipe():

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +21,17 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
-from torch import nn
-from torch.utils.data import DataLoader
 
 from ich.data.datamodule import ICHDataModule
-from ich.data.dataset import SliceDataset
 from ich.data.splits import STAGES
-from ich.data.ondevice import finish_batch
 from ich.data.windows import to_unit_float
 from ich.results import print_metrics, write_json
-from ich.train import build_datamodule
+from ich.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 # Bump when the files or their meaning change, so old caches are not read as new ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inputs normalised as in training (ICHLitModule.features); the outputs in the key
 # Data keys that change which slices there are, how they look, or which split each falls in.
 DATA_KEYS = (
     "source", "root", "image_dir", "labels", "phantom", "windows", "context", "image_size",
@@ -59,13 +56,6 @@ class Split:
         return Split(self.features[rows], self.targets[rows], self.image_ids[rows], self.patients[rows])
 
 
-class Pixels(nn.Module):
-    """The slice itself as features: channels averaged to grayscale, then flattened (the per-label paper's input)."""
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image.mean(dim=1).flatten(1)
-
-
 def feature_key(cfg: DictConfig) -> dict:
     """Everything that changes the cached arrays; files are named by their content, not their path."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -81,13 +71,16 @@ def feature_key(cfg: DictConfig) -> dict:
     if kind == "backbone":
         extractor.update(
             backbone=cfg.model.backbone,
+            normalize=cfg.model.normalize,
             pretrained=bool(cfg.model.pretrained) and not cfg.model.weights,
             weights=file_digest(cfg.model.weights),
             init_from=file_digest(cfg.model.init_from),
         )
         if not (extractor["pretrained"] or extractor["weights"] or extractor["init_from"]):
             extractor["init_seed"] = int(cfg.seed)  # random weights: the seed decides them
-    return {"version": FORMAT_VERSION, "task": cfg.task.name, "extractor": extractor, "data": described}
+    task = get_task(cfg.task.name, cfg.task.get("label"))  # the label too: its targets are another column
+    return {"version": FORMAT_VERSION, "task": task.name, "outputs": list(task.outputs), "extractor": extractor,
+            "data": described}
 
 
 def file_digest(path: str | None) -> str | None:
@@ -137,16 +130,16 @@ def load_or_extract(cfg: DictConfig) -> tuple[dict[str, Split], Path]:
 def extract_to(cfg: DictConfig, key: dict, folder: Path) -> None:
     """Run the extractor over every split and write the arrays; a half-written folder never looks finished."""
     pl.seed_everything(cfg.seed, workers=True)  # random-init backbones draw their weights now
-    datamodule = build_datamodule(cfg)
+    datamodule = ICHDataModule.from_config(cfg)
     datamodule.prepare_data()
     datamodule.setup()
-    extractor = build_extractor(cfg, datamodule.task.name, datamodule.num_channels)
     device = pick_device(cfg.get("device", "auto"))
+    extract = build_extractor(cfg, datamodule.task.name, datamodule.num_channels, device)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
         patients = datamodule.tables[stage].set_index("image_id")["patient"]
-        features, targets, ids = extract_split(extractor, datamodule, stage, device)
+        features, targets, ids = extract_split(extract, datamodule, stage, device)
         np.save(tmp / f"{stage}_features.npy", features)
         np.save(tmp / f"{stage}_targets.npy", targets)
         table = pd.DataFrame({"image_id": ids, "patient": patients.loc[ids].to_numpy()})
@@ -161,15 +154,24 @@ def extract_to(cfg: DictConfig, key: dict, folder: Path) -> None:
     log.info("Features cached in %s (%s)", folder, ", ".join(f"{s} {shapes[s]}" for s in STAGES))
 
 
-def build_extractor(cfg: DictConfig, task: str, in_chans: int) -> nn.Module:
-    """The backbone a training run with this `model` config would start from (pretrained, weights or init_from)."""
+def build_extractor(
+    cfg: DictConfig, task: str, in_chans: int, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Batch images as the loader gives them -> features [B, D]: the slice's pixels, or the pooled features of the
+    backbone a training run with this `model` config would start from (pretrained, weights or init_from),
+    normalised as training normalises them (ICHLitModule.features)."""
     if cfg.get("features", "backbone") == "pixels":
-        return Pixels()
+        return pixels
     from ich.module import ICHLitModule
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["compile"] = False
-    return ICHLitModule(task=task, in_chans=in_chans, **model).backbone
+    return ICHLitModule(task=task, in_chans=in_chans, **model).to(device).eval().features
+
+
+def pixels(image: torch.Tensor) -> torch.Tensor:
+    """The slice itself as features: channels averaged to grayscale, then flattened (the per-label paper's input)."""
+    return to_unit_float(image).mean(dim=1).flatten(1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -180,31 +182,19 @@ def pick_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def extract_split(
-    extractor: nn.Module, datamodule: ICHDataModule, stage: str, device: torch.device
+    extract: Callable[[torch.Tensor], torch.Tensor], datamodule: ICHDataModule, stage: str, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features, targets and ids of the slices of `stage` that could be read, without the training augmentation."""
-    dataset = without_augmentation(datamodule.datasets[stage])
-    loader = plain_loader(datamodule, dataset, f"{stage}_features")
-    extractor = extractor.to(device).eval()
+    dataset = datamodule.datasets[stage]
+    loader = datamodule.loader(dataset.subset(np.arange(len(dataset)), transform=None))
     features, targets, ids = [], [], []
     for batch in track(loader, description=f"{stage} features", total=len(loader)):
-        images = finish_batch({**batch, "image": batch["image"].to(device)})["image"]
-        features.append(extractor(to_unit_float(images)).float().cpu().numpy())
+        features.append(extract(batch["image"].to(device)).float().cpu().numpy())
         targets.append(batch["target"].numpy())
         ids += list(batch["image_id"])
     if not features:
         return np.zeros((0, 0), np.float32), np.asarray(dataset.targets[:0]), []
     return np.concatenate(features), np.concatenate(targets), ids
-
-
-def plain_loader(datamodule: ICHDataModule, dataset: SliceDataset, name: str, shuffle: bool = False) -> DataLoader:
-    """A loader over `dataset` as the data module builds its own (workers, batch size, skipping unreadable slices)."""
-    datamodule.datasets[name] = dataset
-    return datamodule._dataloader(name, shuffle=shuffle)
-
-
-def without_augmentation(dataset: SliceDataset) -> SliceDataset:
-    return SliceDataset(dataset.stacks, dataset.targets, dataset.image_ids, dataset.loader, transform=None)
 
 
 def read_split(folder: Path, stage: str) -> Split:

@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit, choose and test one classifier; returns the flat metrics also written to metrics.json."""
-    if cfg.task.name == "per_label":
-        from ich.classical.per_label import run as run_per_label
-
-        return run_per_label(cfg)
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task.name, cfg.task.get("label"))
     threshold = float(cfg.task.threshold)
     output_dir = Path(cfg.output_dir)
     splits, folder = load_or_extract(cfg)
