@@ -1,9 +1,12 @@
 """Evaluate one trained checkpoint: `run(cfg)` is what `python evaluate.py ckpt_path=PATH` calls.
 
-By default the checkpoint is tested on its own training run's test patients, read through the run's
-data config and split.csv. Other data can be chosen (`data=rsna data.root=DIR`): the input is still
-shaped as in training, and a dataset other than training's is used whole as an external test set.
-Everything goes to the evaluation's own folder; the training run is only read.
+The checkpoint says how its inputs were made (windows, context, image size, normalisation) and which
+data it was trained on, so the .ckpt file alone is enough: by default it is tested on its training
+data's test patients (the run's split.csv when the run folder is still beside it, else the same split
+drawn again from the saved seed). Other data can be chosen (`data=rsna data.root=DIR`): the input is
+still shaped as in training, and a dataset other than training's is used whole as an external test
+set. Data options that contradict the checkpoint are refused. Everything goes to the evaluation's
+own folder; a training run is only read.
 """
 
 import logging
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ich.data.datamodule import ICHDataModule
+from ich.data.windows import parse_windows
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule
 from ich.plots import save_figures
@@ -29,7 +33,7 @@ from ich.tasks import LABELS, Task
 log = logging.getLogger(__name__)
 
 # Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
-PREPROCESSING = ("windows", "context", "image_size")
+INPUT_KEYS = ("windows", "context", "image_size")
 # Data keys that say which slices these are: when one differs from training's, it is another dataset.
 IDENTITY = ("source", "root", "image_dir", "labels", "phantom")
 # Kaggle scores log loss: a probability of exactly 0 or 1 on a wrong answer would cost infinity.
@@ -53,13 +57,15 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     task = model.task
     test_dir = submission_folder(cfg, task)
     run_dir = training_run_dir(checkpoint)
-    data = data_config(cfg, training_data(run_dir), command_line_keys(overrides), run_dir)
-    datamodule = ICHDataModule(task=task.name, output_dir=str(output_dir), **data)
+    inputs, trained = saved_inputs(model, checkpoint)
+    data = data_config(cfg, trained, command_line_keys(overrides), run_dir)
+    check_inputs(inputs, data)
+    label = task.outputs[0] if task.name == "binary" else None
+    datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
     datamodule.prepare_data()
     datamodule.setup()
     if not len(datamodule.datasets["test"]):
         raise ValueError(f"The test split holds no slices for task={task.name}: evaluate on more data (data.root=DIR).")
-    check_channels(model.hparams.in_chans, datamodule.num_channels, data)
     if data["split_file"] is None:
         warn_if_seen_in_training(datamodule.tables["test"]["image_id"], run_dir / "split.csv")
 
@@ -120,12 +126,13 @@ def submission_folder(cfg: DictConfig, task: Task) -> Path | None:
     return test_dir
 
 
-def training_data(run_dir: Path) -> dict | None:
-    """The resolved `data` config the checkpoint was trained with, or None when the run folder lacks it."""
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return None
-    return OmegaConf.to_container(OmegaConf.load(path).data, resolve=True)
+def saved_inputs(model: ICHLitModule, checkpoint: Path) -> tuple[dict, dict]:
+    """What the checkpoint says of its inputs and of its training data (ICHLitModule's `inputs` and `data`)."""
+    inputs, data = model.hparams.get("inputs"), model.hparams.get("data")
+    if not inputs or not data:
+        raise ValueError(f"{checkpoint} does not say how its inputs were made (it predates self-describing "
+                         "checkpoints): train it again with this version of ich.")
+    return inputs, data
 
 
 def command_line_keys(overrides: Sequence[str]) -> set[str]:
@@ -133,22 +140,16 @@ def command_line_keys(overrides: Sequence[str]) -> set[str]:
     return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
 
 
-def data_config(cfg: DictConfig, trained: dict | None, given: set[str], run_dir: Path) -> dict:
+def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) -> dict:
     """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
     chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     if "source" in chosen:  # a data group was chosen on the command line
         data = chosen
-        if trained is not None:
-            data.update({key: trained[key] for key in PREPROCESSING if f"data.{key}" not in given})
-    elif trained is None:
-        raise FileNotFoundError(
-            f"{run_dir / '.hydra' / 'config.yaml'} not found, so the training data is unknown: choose the data with "
-            "data=phantom|rsna|images and give the data.windows, data.context and data.image_size it was trained with."
-        )
+        data.update({key: trained[key] for key in INPUT_KEYS if f"data.{key}" not in given})
     else:  # the training run's data, with any +data.* tweaks on top
         data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
 
-    changed = [key for key in IDENTITY if trained is None or data.get(key) != trained.get(key)]
+    changed = [key for key in IDENTITY if data.get(key) != trained.get(key)]
     if "data.split_file" in given:
         log.info("Testing on the test split of %s", data["split_file"])
     elif changed:
@@ -169,12 +170,18 @@ def data_config(cfg: DictConfig, trained: dict | None, given: set[str], run_dir:
     return data
 
 
-def check_channels(expected: int, found: int, data: dict) -> None:
-    if expected != found:
-        raise ValueError(
-            f"The checkpoint takes {expected} input channels but data.windows={data['windows']} with "
-            f"data.context={data['context']} gives {found}: set data.windows and data.context as in training."
-        )
+def check_inputs(inputs: dict, data: dict) -> None:
+    """Refuse data options that would shape the input otherwise than training did, naming the key."""
+    if (inputs["source"] == "images") != (data["source"] == "images"):
+        trained_on = "PNG/JPG slices (data=images)" if inputs["source"] == "images" else "DICOM slices"
+        raise ValueError(f"The checkpoint was trained on {trained_on}: evaluate it on the same kind of data.")
+    given = {"context": int(data["context"]), "image_size": int(data["image_size"])}
+    if inputs["windows"] is not None:
+        given["windows"] = [[w.center, w.width] for w in parse_windows(data["windows"])]
+    for key, value in given.items():
+        if value != inputs[key]:
+            raise ValueError(f"data.{key}={value} differs from the checkpoint's {inputs[key]}: the model only knows "
+                             f"inputs made as in training, so leave data.{key} out or set it to {inputs[key]}.")
 
 
 def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:

@@ -182,6 +182,11 @@ def test_one_window_is_repeated_to_three_channels(cache_dir, tmp_path):
     assert image.shape[0] == 3 and torch.equal(image[0], image[2])
 
 
+def test_two_windows_make_two_channels(cache_dir, tmp_path):
+    dm = make_datamodule(cache_dir, tmp_path, windows=["brain", "bone"])
+    assert dm.num_channels == 2 == dm.datasets["val"][0]["image"].shape[0]
+
+
 def test_blank_slices_are_dropped_and_counted(cache_dir, tmp_path):
     everything = make_datamodule(cache_dir, tmp_path)
     filtered = make_datamodule(cache_dir, tmp_path, min_brain_fraction=0.2)

@@ -158,7 +158,8 @@ def test_chosen_data_keeps_trainings_preprocessing_unless_given(tmp_path):
 def test_default_data_is_the_training_runs_with_tweaks_on_top(multilabel, tmp_path):
     run_dir = multilabel[0].parent.parent
     cfg = compose_config("evaluate", ["ckpt_path=x", "+data.image_size=32", "batch_size=2", f"output_dir={tmp_path}"])
-    trained = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=True)
+    trained = torch.load(multilabel[0], weights_only=True)["hyper_parameters"]["data"]  # what the checkpoint says
+    assert trained == OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=True)
     data = data_config(cfg, trained, {"data.image_size", "batch_size"}, run_dir)
     assert data == {**trained, "image_size": 32, "batch_size": 2, "split_file": str(run_dir / "split.csv")}
 
@@ -185,10 +186,35 @@ def test_subtype_targets_are_subtype_names(subtype, tmp_path):
     assert (tmp_path / "confusion_matrix.png").is_file() and (tmp_path / "roc.png").is_file()
 
 
-def test_channels_other_than_the_checkpoints_name_the_setting(multilabel, cache_dir, tmp_path):
-    with pytest.raises(ValueError, match="set data.windows and data.context as in training"):
+def test_context_other_than_the_checkpoints_names_the_setting(multilabel, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"data.context=1 differs from the checkpoint's 0"):
         evaluate(multilabel[0], tmp_path, "data=phantom", f"data.cache_dir={cache_dir}", "data.context=1",
                  *(o for o in FAST_RUN if o.startswith("data.")))
+
+
+def test_windows_other_than_the_checkpoints_are_refused_even_with_as_many_channels(multilabel, tmp_path):
+    """Three other windows still make three channels: the checkpoint, not the channel count, decides."""
+    with pytest.raises(ValueError, match=r"^data.windows=\[\[40.0, 80.0\], \[600.0, 2800.0\], \[80.0, 200.0\]\] differs "
+                                         r"from the checkpoint's \[\[40.0, 80.0\], \[80.0, 200.0\], \[600.0, 2800.0\]\]"):
+        evaluate(multilabel[0], tmp_path, "+data.windows=[brain,bone,subdural]")
+
+
+def test_a_checkpoint_copied_away_from_its_deleted_run_folder_evaluates_alone(cache_dir, tmp_path):
+    """The .ckpt says how its inputs were made and which data it learnt from: no run folder needed."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    train_run(run_dir, cache_dir, "task=binary", "test=false", "+trainer.limit_train_batches=1",
+              "+trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "data.windows=[brain,[60,120]]")
+    with_run = evaluate(run_dir, tmp_path / "with-run")
+    carried = tmp_path / "elsewhere" / "model.ckpt"
+    carried.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", carried)
+    shutil.rmtree(run_dir)
+    alone = evaluate(carried, tmp_path / "alone")
+    assert alone == pytest.approx(with_run, nan_ok=True)
+    tested = [pd.read_csv(tmp_path / name / "predictions.csv") for name in ("with-run", "alone")]
+    pd.testing.assert_frame_equal(*tested)  # the same test patients, drawn again from the saved split seed
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,9 @@ class SliceDataset(Dataset):
 
     @property
     def channels(self) -> int:
-        return max(3, self.loader.channels * self.stacks.shape[1])
+        """Channels of an item: a lone plane is repeated to three (see `image`), any other count kept."""
+        planes = self.loader.channels * self.stacks.shape[1]
+        return 3 if planes == 1 else planes
 
     def image(self, i: int, epoch: int | None = None) -> np.ndarray:
         """Slice `i` as an HxWxC uint8 image; with an `epoch` (from EpochShuffle) its augmentation is
