@@ -4,6 +4,7 @@ Not a test: run it on the machine whose figures you want; it prints a table and 
 
     python -m ich.bench --out bench.json                                   # CPU: a few minutes
     python -m ich.bench --backbone densenet121 --peak-tflops 989 --out gpu.json   # on a GPU
+    python -m ich.bench --scale                                            # also the RSNA-scale memory figures
 
 Per-core figures pin the process to one core with one thread per library, with glibc told to reuse
 freed memory as DataLoader workers are (ich.data.dataset.reuse_freed_memory): every way is measured
@@ -33,22 +34,40 @@ from omegaconf import OmegaConf
 from pydicom import config as pydicom_config
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from ich import CONFIG_DIR
-from ich.data.augment import augmentation_for
+from ich.data.augment import build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
-from ich.data.dataset import CacheLoader, DicomLoader, SliceDataset, collate_skipping, init_worker, reuse_freed_memory
+from ich.data.dataset import (
+    CacheLoader,
+    DicomLoader,
+    EpochShuffle,
+    SliceDataset,
+    as_bytes,
+    collate_skipping,
+    init_worker,
+    reuse_freed_memory,
+)
 from ich.data.dicom import read_hu_square
-from ich.data.ondevice import finish_batch
-from ich.data.windows import WINDOWS, parse_windows, to_unit_float, window_stack
+from ich.data.index import INDEX_VERSION, IndexSummary, file_stamp, index_dir
+from ich.data.windows import WINDOWS, parse_windows, window_stack
+from ich.privacy import pseudonym
+from ich.results import write_atomic
+from ich.tasks import LABELS
 
 WINDOW_NAMES = ("brain", "subdural", "bone")
 BENCH_WINDOWS = tuple(parse_windows(list(WINDOW_NAMES)))
 SLICES_PER_SERIES = 20
 RSNA_SLICES = 752_803  # stage 2 training set
-TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "cache_window8_vs_dicom": 10.0,
-           "cache_window_on_gpu_vs_dicom": 10.0, "real_vs_random": 0.9}
+RSNA_SERIES, RSNA_PATIENTS = 21_744, 18_938
+# Per-slice prevalence of the subtypes in RSNA 2019 (DOMAIN.md), for a synthetic index of that scale;
+# `any` is their OR there, as in RSNA (about 18% when drawn independently, against RSNA's 14.4%).
+RSNA_PREVALENCE = {"epidural": 0.004, "intraparenchymal": 0.048, "intraventricular": 0.035,
+                   "subarachnoid": 0.048, "subdural": 0.063}
+TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9}
+SCALE_TARGETS = {"setup_s": 15.0, "worker_rss_growth_mb": 64.0}  # at most, on the 2-core development machine
 
 
 def naive(path: Path, size: int) -> np.ndarray:
@@ -108,10 +127,9 @@ def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
     return work
 
 
-def default_augmentation(on: str = "cpu"):
-    """The training augmentation with the strengths of conf/data/_common.yaml, for the loader (cpu) or the device (gpu)."""
-    strengths = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment)
-    return augmentation_for(on, strengths)
+def default_augmentation():
+    """The training augmentation with the strengths of conf/data/_common.yaml."""
+    return build_augmentation(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment))
 
 
 @contextlib.contextmanager
@@ -137,27 +155,19 @@ def phantom_index(workdir: Path, slices: int, dicom_size: int) -> pd.DataFrame:
     return index.head(slices).reset_index(drop=True)
 
 
-def per_core(index: pd.DataFrame, cache: SliceCache, cache8: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
+def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
     """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation."""
     windows = BENCH_WINDOWS
     paths = index["path"].tolist()
-    dicom = DicomLoader(windows, args.size)
+    dicom = DicomLoader(as_bytes(paths), windows, args.size)
     augment = default_augmentation()
     targets = np.zeros((len(paths), 1), np.float32)
-    ids = index["image_id"].tolist()
-    by_path, by_row = [[p] for p in paths], [[row] for row in range(len(paths))]
+    ids, rows = as_bytes(index["image_id"]), np.arange(len(paths))
     datasets = {
-        "loader_dicom": SliceDataset(by_path, targets, ids, dicom),
-        "loader_dicom_augmented": SliceDataset(by_path, targets, ids, dicom, augment),
-        "loader_cache": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows)),
-        "loader_cache_augmented": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows), augment),
-        "loader_cache_window8": SliceDataset(by_row, targets, ids, CacheLoader(cache8, windows)),
-        # data.augment_on=gpu: the workers draw each slice's parameters, the GPU moves the pixels
-        "loader_cache_augment_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows),
-                                                    default_augmentation(on="gpu")),
-        # data.window_on=gpu as well: the workers copy int16 HU, the GPU windows and augments
-        "loader_cache_window_on_gpu": SliceDataset(by_row, targets, ids, CacheLoader(cache, windows, window_on_device=True),
-                                                   default_augmentation(on="gpu")),
+        "loader_dicom": SliceDataset(rows, targets, ids, dicom),
+        "loader_dicom_augmented": SliceDataset(rows, targets, ids, dicom, augment),
+        "loader_cache": SliceDataset(rows, targets, ids, CacheLoader(cache, windows)),
+        "loader_cache_augmented": SliceDataset(rows, targets, ids, CacheLoader(cache, windows), augment),
     }
     ways = {
         "dicom_naive": each(lambda path: naive(Path(path), args.size), paths),
@@ -215,15 +225,12 @@ def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoad
 
         def real_step() -> None:
             batch = next(batches)
-            batch["image"] = batch["image"].to(device, non_blocking=True)
-            image = to_unit_float(finish_batch(batch)["image"])  # --augment-on/--window-on gpu: as ICHLitModule does
-            train_step(image, batch["target"].to(device, non_blocking=True))
+            train_step(batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True))
 
         real_rate = timed_steps(real_step, args, device)
         random_rate = timed_steps(lambda: train_step(images, target), args, device)
         result["loader_vs_random"] = {
-            "workers": loader.num_workers, "augment_on": args.augment_on, "window_on": args.window_on,
-            "real_images_per_s": round(real_rate, 2),
+            "workers": loader.num_workers, "real_images_per_s": round(real_rate, 2),
             "random_images_per_s": round(random_rate, 2), "ratio": round(real_rate / random_rate, 3),
         }
     return result
@@ -268,14 +275,104 @@ def endless(loader: DataLoader) -> Iterator[dict]:
 
 def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Namespace, device: torch.device) -> DataLoader:
     """The training DataLoader over the cache, as `trainer=gpu data.cache=true` builds it."""
-    augment = default_augmentation(on=args.augment_on)
     targets = (np.arange(len(index)) % 2).astype(np.float32)[:, None]
-    loader = CacheLoader(cache, BENCH_WINDOWS, window_on_device=args.window_on == "gpu")
-    dataset = SliceDataset([[row] for row in range(len(index))], targets, index["image_id"].tolist(), loader, augment)
+    loader = CacheLoader(cache, BENCH_WINDOWS)
+    dataset = SliceDataset(np.arange(len(index)), targets, as_bytes(index["image_id"]), loader, default_augmentation())
     workers = resolve_workers(args.loader_workers)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       worker_init_fn=init_worker, collate_fn=collate_skipping, drop_last=True)
+
+
+# --- RSNA scale: setup time and memory of the data module on an index of 752,803 slices ------------------
+
+
+def synthetic_rsna(root: Path, cache_dir: Path, slices: int, series: int, seed: int = 0) -> None:
+    """An RSNA layout under `root` whose index in `cache_dir` is fresh: `slices` rows in `series` series of
+    about RSNA's patients per series, labels at RSNA's prevalence, and no pixels (the files do not exist).
+
+    The label file and the image folder are empty stand-ins: a fresh index is the only thing setup reads.
+    """
+    rng = np.random.default_rng(seed)
+    images, labels_csv = root / "stage_2_train", root / "stage_2_train.csv"
+    images.mkdir(parents=True)
+    labels_csv.write_text("ID,Label\n")
+    lengths = np.full(series, slices // series)
+    lengths[: slices - lengths.sum()] += 1
+    series_of = np.repeat(np.arange(series), lengths)
+    patient_of = (np.arange(series) * RSNA_PATIENTS // RSNA_SERIES)[series_of]
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = [f"ID_{i:09x}" for i in rng.choice(16**9, slices, replace=False)]
+    index = pd.DataFrame({
+        "image_id": ids,
+        "path": [f"{images}/{i}.dcm" for i in ids],
+        "patient": [pseudonym(f"patient{p}") for p in patient_of],
+        "study": [pseudonym(f"study{s}") for s in series_of],
+        "series": [pseudonym(f"series{s}") for s in series_of],
+        "position": (np.arange(slices) - first) * 5.0,
+        "window_center": 40.0, "window_width": 80.0, "bits_stored": 12, "pixel_representation": 0,
+        "rows": 512, "columns": 512,
+        "brain_fraction": rng.random(slices).astype(np.float64),
+        **{name: (rng.random(slices) < rate).astype(np.int8) for name, rate in RSNA_PREVALENCE.items()},
+        "slice_index": (np.arange(slices) - first).astype(np.int32),
+        "series_length": lengths[series_of].astype(np.int32),
+    })
+    index.insert(index.columns.get_loc("epidural"), "any", index[list(LABELS[1:])].to_numpy().any(axis=1).astype(np.int8))
+    folder = index_dir(cache_dir, images, labels_csv)
+    folder.mkdir(parents=True)
+    index.to_parquet(folder / "index.parquet", index=False)
+    summary = IndexSummary(files_found=slices, read=slices, labels_file=str(labels_csv), version=INDEX_VERSION,
+                           labels_stamp=file_stamp(labels_csv), images_stamp=file_stamp(images))
+    write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary.__dict__)))
+
+
+class ConstantLoader(DicomLoader):
+    """Reads each slice's path as the DICOM loader does, then gives a constant plane instead of the file."""
+
+    def __call__(self, row: int) -> list[np.ndarray]:
+        self.paths[row].decode()
+        return [np.zeros((self.size, self.size), np.uint8)] * len(self.windows)
+
+
+def private_mb() -> float:
+    """Memory of this process that no other process shares (copy-on-write copies included), in MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[name].split()[0]) for name in ("Private_Clean", "Private_Dirty")) / 1024
+
+
+def collate_with_memory(items: list[dict]) -> dict:
+    batch = collate_skipping(items)
+    batch["worker_private_mb"] = private_mb()
+    return batch
+
+
+def scale(workdir: Path, slices: int, series: int) -> dict:
+    """Setup time of the data module from a fresh index, host bytes per training slice, and the growth of
+    one DataLoader worker's private memory over one pass over the training keys (windows x context 1)."""
+    synthetic_rsna(workdir / "rsna", workdir / "cache", slices, series)
+    datamodule = ICHDataModule(source="rsna", root=str(workdir / "rsna"), cache_dir=str(workdir / "cache"),
+                               context=1, image_size=8, num_workers=1, output_dir=str(workdir / "run"))
+    start = time.perf_counter()
+    datamodule.prepare_data()
+    datamodule.setup()
+    setup_s = time.perf_counter() - start
+    train = datamodule.datasets["train"]
+    arrays = (train.stacks, train.targets, train.image_ids, train.loader.paths)
+    train.loader = ConstantLoader(train.loader.paths, train.loader.windows, 8)
+    train.transform = None  # pixels are not the point here: what a worker touches per slice is
+    loader = DataLoader(train, batch_size=512, sampler=EpochShuffle(train, 0), num_workers=1,
+                        collate_fn=collate_with_memory, worker_init_fn=init_worker)
+    memory = [batch["worker_private_mb"] for batch in tqdm(loader, desc="One pass over the training keys",
+                                                           unit="batch", mininterval=2.0)]
+    result = {
+        "slices": slices, "series": series, "train_slices": len(train),
+        "setup_s": round(setup_s, 2),
+        "bytes_per_slice": round(sum(a.nbytes for a in arrays) / len(train), 1),
+        "worker_rss_growth_mb": round(memory[-1] - memory[0], 1),
+    }
+    result["targets"] = {name: {"value": result[name], "at_most": limit, "met": result[name] <= limit}
+                         for name, limit in SCALE_TARGETS.items()}
+    return result
 
 
 def device_name(device: torch.device) -> str:
@@ -310,8 +407,6 @@ def projection(result: dict, cores: int, on_gpu: bool) -> dict:
         "loader_cores": workers,
         "epoch_hours_dicom_path": epoch_hours(rates["loader_dicom_augmented"]),
         "epoch_hours_cache_path": epoch_hours(rates["loader_cache_augmented"]),
-        "epoch_hours_cache_path_augment_on_gpu": epoch_hours(rates["loader_cache_augment_on_gpu"]),
-        "epoch_hours_cache_path_window_on_gpu": epoch_hours(rates["loader_cache_window_on_gpu"]),
         "epoch_hours_model_alone": round(RSNA_SLICES / train / 3600, 2),
     }
     if result["cache_build"]:
@@ -324,8 +419,6 @@ def target_checks(result: dict) -> dict:
     ratios = {
         "dicom_vs_naive": rates["dicom_ich"] / rates["dicom_naive"],
         "cache_vs_dicom": rates["loader_cache"] / rates["loader_dicom"],
-        "cache_window8_vs_dicom": rates["loader_cache_window8"] / rates["loader_dicom"],
-        "cache_window_on_gpu_vs_dicom": rates["loader_cache_window_on_gpu"] / rates["loader_dicom"],
     }
     compared = result["model"].get("loader_vs_random")
     if compared:
@@ -350,13 +443,19 @@ def print_table(result: dict) -> None:
           f"{model['forward_gflops_per_image']:.2f} GFLOP per image forward")
     if "loader_vs_random" in model:
         compared = model["loader_vs_random"]
-        print(f"  real batches ({compared['workers']} workers, windowed on the {compared['window_on']}, "
-              f"augmented on the {compared['augment_on']}) "
-              f"{compared['real_images_per_s']:.1f} images/s vs "
+        print(f"  real batches ({compared['workers']} workers) {compared['real_images_per_s']:.1f} images/s vs "
               f"random tensors on the device {compared['random_images_per_s']:.1f}: {compared['ratio']:.2f}")
     for name, check in result["targets"].items():
         print(f"target {name}: {check['ratio']}x (want >= {check['target']}): {'met' if check['met'] else 'NOT met'}")
     print(f"projection, one RSNA epoch ({RSNA_SLICES:,} slices): {result['projection']}")
+    if "scale" in result:
+        figures = result["scale"]
+        print(f"scale: {figures['slices']:,} slices in {figures['series']:,} series: setup {figures['setup_s']} s, "
+              f"{figures['bytes_per_slice']} bytes per training slice, worker private memory "
+              f"+{figures['worker_rss_growth_mb']} MB over one pass")
+        for name, check in figures["targets"].items():
+            print(f"target scale/{name}: {check['value']} (want <= {check['at_most']}): "
+                  f"{'met' if check['met'] else 'NOT met'}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -380,18 +479,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-loader", action=argparse.BooleanOptionalAction, default=None,
                         help="train on cached batches and on random tensors on the device (default: on a GPU)")
     parser.add_argument("--loader-workers", default="auto", help="DataLoader processes of --compare-loader")
-    parser.add_argument("--augment-on", choices=("cpu", "gpu"), default="cpu",
-                        help="where --compare-loader augments: loader workers (cpu) or the device (gpu)")
-    parser.add_argument("--window-on", choices=("cpu", "gpu"), default="cpu",
-                        help="where --compare-loader windows (gpu needs --augment-on gpu)")
+    parser.add_argument("--scale", action="store_true",
+                        help="also measure data-module setup and loader memory on a synthetic RSNA-sized index")
+    parser.add_argument("--scale-slices", type=int, default=RSNA_SLICES, help="slices of the --scale index")
+    parser.add_argument("--scale-series", type=int, default=RSNA_SERIES, help="series of the --scale index")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the phantom and cache here (default: a temporary folder)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="leave glibc's allocator as it is (figures then depend on its state; see the module doc)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     args = parser.parse_args(argv)
-    if args.window_on == "gpu" and args.augment_on != "gpu":
-        parser.error("--window-on gpu needs --augment-on gpu: augmentation works on windowed images.")
     if args.loader_workers != "auto":
         args.loader_workers = int(args.loader_workers)
     return args
@@ -417,9 +514,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cache = load_or_build_cache(index, workdir, args.size)
         built = time.perf_counter() - start
         cache_build = {"images_per_s": round(len(index) / built, 1), "cores": cores} if fresh else None
-        cache8 = load_or_build_cache(index, workdir, args.size, cache_format="window8",
-                                     windows=BENCH_WINDOWS)
-        rates = per_core(index, cache, cache8, args)
+        rates = per_core(index, cache, args)
         torch.set_num_threads(args.threads or cores)
         loader = training_loader(cache, index, args, device) if compare else None
         model = model_speed(args, device, loader)
@@ -440,6 +535,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "cache_build": cache_build,
         "model": model,
     }
+    if args.scale:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["scale"] = scale(Path(tmp), args.scale_slices, args.scale_series)
     result["targets"] = target_checks(result)
     result["projection"] = projection(result, cores, on_gpu)
     print_table(result)

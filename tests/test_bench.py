@@ -9,20 +9,24 @@ def test_bench_writes_every_figure_as_json(tmp_path):
     out = tmp_path / "bench.json"
     result = main(["--slices", "8", "--dicom-size", "64", "--size", "32", "--batch-size", "2", "--steps", "1",
                    "--warmup", "1", "--repeats", "1", "--min-seconds", "0", "--compare-loader", "--loader-workers", "0",
-                   "--augment-on", "gpu", "--window-on", "gpu",
+                   "--scale", "--scale-slices", "3000", "--scale-series", "90",
                    "--threads", "1", "--peak-tflops", "1", "--out", str(out)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     assert set(written["per_core"]) == {"dicom_naive", "dicom_ich", "loader_dicom", "loader_dicom_augmented",
-                                        "loader_cache", "loader_cache_augmented", "loader_cache_augment_on_gpu",
-                                        "loader_cache_window8", "loader_cache_window_on_gpu"}
+                                        "loader_cache", "loader_cache_augmented"}
     assert all(rate > 0 for rate in written["per_core"].values())
     model = written["model"]
     assert model["train_images_per_s"] > 0 and model["infer_images_per_s"] > 0
     assert model["forward_gflops_per_image"] > 0 and model["train_gflops_per_image"] > 2 * model["forward_gflops_per_image"]
     assert model["train_peak_fraction"] == round(model["train_tflops_per_s"] / 1, 4)
     assert model["loader_vs_random"]["real_images_per_s"] > 0
-    assert set(written["targets"]) == {"dicom_vs_naive", "cache_vs_dicom", "cache_window8_vs_dicom",
-                                       "cache_window_on_gpu_vs_dicom", "real_vs_random"}
+    assert set(written["targets"]) == {"dicom_vs_naive", "cache_vs_dicom", "real_vs_random"}
     assert written["projection"]["slices"] == 752_803 and written["projection"]["epoch_hours_cache_path"] > 0
     assert written["machine"]["cores"] >= 1 and written["cache_build"]["images_per_s"] > 0
+    scale = written["scale"]
+    assert (scale["slices"], scale["series"]) == (3000, 90)
+    assert 0.6 * 3000 < scale["train_slices"] < 0.8 * 3000  # 70% of the patients
+    # 3 neighbour rows (int64), one float target, a 12-byte id, and the path of every slice of the index
+    assert scale["bytes_per_slice"] > 3 * 8 + 4 + 12
+    assert scale["setup_s"] > 0 and set(scale["targets"]) == {"setup_s", "worker_rss_growth_mb"}

@@ -143,7 +143,8 @@ def index_dir(cache_dir: Path, image_dir: Path, labels_csv: Path | None) -> Path
     return cache_dir / f"index-{image_dir.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def _stamp(path: Path | None) -> list[float]:
+def file_stamp(path: Path | None) -> list[float]:
+    """Size and modification time of a file or folder: what tells whether the index is still fresh."""
     if path is None:
         return []
     stat = path.stat()
@@ -171,8 +172,8 @@ def load_or_build_index(
         saved = json.loads(summary_path.read_text())
         fresh = (
             saved.get("version") == INDEX_VERSION
-            and saved["labels_stamp"] == _stamp(labels_csv)
-            and saved["images_stamp"] == _stamp(image_dir)
+            and saved["labels_stamp"] == file_stamp(labels_csv)
+            and saved["images_stamp"] == file_stamp(image_dir)
         )
         if fresh:
             return pd.read_parquet(index_path), IndexSummary(**saved), folder
@@ -180,8 +181,8 @@ def load_or_build_index(
     labels = read_labels(labels_csv) if labels_csv is not None and read_labels is not None else None
     index, skipped, summary = build_index(image_dir, labels, workers or os.cpu_count() or 1)
     summary.labels_file = str(labels_csv) if labels_csv else None
-    summary.labels_stamp = _stamp(labels_csv)
-    summary.images_stamp = _stamp(image_dir)
+    summary.labels_stamp = file_stamp(labels_csv)
+    summary.images_stamp = file_stamp(image_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
     skipped.to_csv(folder / "skipped.csv", index=False)
