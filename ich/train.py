@@ -44,6 +44,8 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         channels_last=bool(cfg.trainer.get("channels_last", False)),
+        inputs=datamodule.inputs,
+        data=OmegaConf.to_container(cfg.data, resolve=True),
         **OmegaConf.to_container(cfg.model, resolve=True),
     )
 
