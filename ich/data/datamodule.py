@@ -369,7 +369,6 @@ class ICHDataModule(pl.LightningDataModule):
     def folder_dataloader(self, folder: str | Path) -> DataLoader:
         """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
         index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
-        self.tables["folder"] = index
         shape = (len(index),) if self.task.loss == "ce" else (len(index), self.task.num_outputs)
         zeros = np.zeros(shape, np.int64 if self.task.loss == "ce" else np.float32)
         loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
