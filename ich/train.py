@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
+from ich.hardware import resolve_trainer
 from ich.module import ICHLitModule
 from ich.results import print_metrics, write_json
 from ich.runs import resume_checkpoint, training_run_dir
@@ -43,7 +44,7 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
         rsna_weights=bool(cfg.task.get("rsna_weights", False)),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
-        channels_last=bool(cfg.trainer.get("channels_last", False)),
+        channels_last=bool(resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True)).get("channels_last")),
         inputs=datamodule.inputs,
         data=OmegaConf.to_container(cfg.data, resolve=True),
         **OmegaConf.to_container(cfg.model, resolve=True),
@@ -105,7 +106,7 @@ def wandb_run_id(checkpoint: Path | None) -> str | None:
 def build_trainer(cfg: DictConfig, resume_from: Path | None = None) -> pl.Trainer:
     """The Trainer of the config; `resume_from` is the checkpoint fit() resumes from, if any."""
     _wandb_offline_without_key(cfg)
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.pop("channels_last", None)  # a model setting that lives with the hardware choice
     loggers = _instantiate_all(cfg.get("logger"), wandb=_wandb_settings(cfg, resume_from))
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -152,6 +153,7 @@ def find_lr(trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule,
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
     cfg, resume_from = resume_config(cfg)
+    cfg.trainer = resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))  # logged as decided
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
