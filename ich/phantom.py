@@ -11,6 +11,7 @@ positive, i.e. down the image), `w` along the slice normal. The DICOM geometry o
 in patient space, so a tilted series is the same head as an upright one.
 
     python -m ich.phantom --out DIR [--patients N --slices S --size PX --seed K --no-quirks]
+    python -m ich.phantom --out DIR --images [...]   # the same slices as brain-windowed PNGs (data=images)
 """
 
 import argparse
@@ -20,12 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
 from pydicom import config, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from tqdm import tqdm
 
+from ich.data.windows import Window
 from ich.tasks import LABELS, SUBTYPES
 
 SLICE_MM = 5.0
@@ -639,6 +643,29 @@ def generate(
     }
 
 
+def generate_images(
+    out_dir: str | Path, patients: int = 40, slices: int = 12, size: int = 512, seed: int = 0,
+    window: tuple[float, float] = (40.0, 80.0),
+) -> dict:
+    """Write the same phantom as an image folder (`data=images`): one brain-windowed 8-bit PNG per slice in
+    `images/`, and `labels.csv` with `filename`, `patient` and the six labels. Returns counts."""
+    _check_settings(patients, slices, size)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    brain = Window(*window)
+    rows = []
+    for p in tqdm(plan_patients(patients, slices, size, seed), desc="phantom images", unit="patient", disable=None):
+        for k, image_id in enumerate(p.image_ids):
+            hu, shown = render_slice(p, k, size, size)
+            cv2.imwrite(str(out / "images" / f"{image_id}.png"), brain(hu))
+            values = {s: int(s in shown) for s in SUBTYPES} | {"any": int(bool(shown))}
+            rows.append({"filename": f"images/{image_id}.png", "patient": p.patient_id,
+                         **{label: values[label] for label in LABELS}})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "labels.csv", index=False)
+    return {"out_dir": str(out), "files": len(table), "positives": table[list(LABELS)].sum().astype(int).to_dict()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m ich.phantom", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write stage_2_train.csv and stage_2_train/ into")
@@ -647,7 +674,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=512, help="pixels per side")
     parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     parser.add_argument("--no-quirks", dest="quirks", action="store_false", help="write only well-formed files")
+    parser.add_argument("--images", action="store_true",
+                        help="write brain-windowed PNGs and labels.csv (data=images) instead of DICOMs")
     args = parser.parse_args(argv)
+    if args.images:
+        summary = generate_images(args.out, args.patients, args.slices, args.size, args.seed)
+        print(json.dumps(summary, indent=2))
+        return summary
     summary = generate(args.out, args.patients, args.slices, args.size, args.seed, args.quirks)
     print(json.dumps({key: value for key, value in summary.items() if key != "series"}, indent=2))
     return summary

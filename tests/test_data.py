@@ -239,3 +239,24 @@ def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
         ICHDataModule(source="rsna")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ICHDataModule(source="rsna", root=str(tmp_path / "nowhere"), cache_dir=str(tmp_path)).prepare_data()
+
+
+def test_a_small_image_folder_is_decoded_once_not_every_epoch(cache_dir, tmp_path, monkeypatch):
+    import cv2
+
+    from ich.phantom import generate_images
+
+    written = generate_images(tmp_path / "pngs", patients=6, slices=3, size=64, seed=3)
+    labels = pd.read_csv(tmp_path / "pngs" / "labels.csv")
+    assert written["files"] == len(labels) == 18 and labels["patient"].nunique() == 6
+    reads = []
+    imread = cv2.imread
+    monkeypatch.setattr(cv2, "imread", lambda *args: reads.append(args[0]) or imread(*args))
+    dm = ICHDataModule(source="images", root=str(tmp_path / "pngs"), labels=str(tmp_path / "pngs" / "labels.csv"),
+                       cache_dir=str(cache_dir), image_size=32, num_workers=0, batch_size=4, split=(0.5, 0.25, 0.25))
+    dm.setup()
+    after_setup = len(reads)
+    for _ in range(2):  # two epochs, augmented differently, from the planes decoded at setup
+        batches = list(dm.train_dataloader())
+    assert len(reads) == after_setup <= 18 + 1
+    assert sum(len(batch["image"]) for batch in batches) > 0

@@ -29,6 +29,7 @@ from ich.data.dataset import (
     DicomLoader,
     EpochShuffle,
     ImageLoader,
+    MemoryLoader,
     SliceDataset,
     as_bytes,
     collate_skipping,
@@ -105,6 +106,12 @@ def neighbour_rows(index: pd.DataFrame, context: int) -> np.ndarray:
                          "rebuild it with `python -m ich.prepare force=true`.")
     offsets = np.arange(-context, context + 1)
     return first[:, None] + np.clip(position[:, None] + offsets, 0, length[:, None] - 1)
+
+
+def memory_budget() -> int:
+    """Bytes of decoded slices kept in memory rather than read every epoch: an eighth of the RAM, at most 4 GB."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    return min(4 << 30, physical // 8)
 
 
 def resolve_workers(num_workers: int | str, devices: int = 1) -> int:
@@ -299,15 +306,22 @@ class ICHDataModule(pl.LightningDataModule):
         log.info("Data: %s", json.dumps(self.summary))
 
     def _loader(self, index: pd.DataFrame):
-        """What turns an index row into windowed planes: the slice cache, the DICOM file, or the image file."""
+        """What turns an index row into windowed planes: the slice cache, or the DICOM or image file; read
+        once into memory when all slices fit in a small share of it (see MemoryLoader)."""
         if self.cache:
             self._slice_cache = self._slice_cache or self.build_cache(index)
             return CacheLoader(self._slice_cache, self.windows)
         if self.source != "images":
-            return DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
-        first = cv2.imread(index["path"].iloc[0], cv2.IMREAD_UNCHANGED)
-        channels = 1 if first is None or first.ndim == 2 else 3
-        return ImageLoader(as_bytes(index["path"]), self.image_size, channels)
+            loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
+        else:
+            first = cv2.imread(index["path"].iloc[0], cv2.IMREAD_UNCHANGED)
+            channels = 1 if first is None or first.ndim == 2 else 3
+            loader = ImageLoader(as_bytes(index["path"]), self.image_size, channels)
+        needed = len(index) * loader.channels * self.image_size**2
+        if needed > memory_budget():
+            return loader
+        log.info("Reading the %d slices into memory once (%.0f MB) instead of every epoch", len(index), needed / 1e6)
+        return MemoryLoader(loader, len(index), self.image_size)
 
     # -- what the model needs to know -----------------------------------------------------------
     @property

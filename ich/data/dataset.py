@@ -8,6 +8,7 @@ import ctypes
 import gc
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import albumentations as A
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, default_collate
+from tqdm.auto import tqdm
 
 from ich.data.cache import SliceCache
 from ich.data.dicom import DicomReadError, read_hu_square
@@ -84,6 +86,35 @@ class ImageLoader:
             # grayscale stored as RGB (or the other way round): keep what the dataset was declared with
             planes = planes[: self.channels] if self.channels == 1 else planes[:1] * self.channels
         return [cv2.resize(plane, (self.size, self.size), interpolation=cv2.INTER_AREA) for plane in planes]
+
+
+class MemoryLoader:
+    """Index row -> the planes another loader gave for it once, at setup: small datasets are read, decoded,
+    resized and windowed once, not every epoch (augmentation stays per epoch).
+
+    The planes are one uint8 array [rows, channels, size, size]; loader workers share it with the main
+    process. A row that failed to read raises the error it raised then, so it is skipped as before.
+    """
+
+    def __init__(self, loader, rows: int, size: int, threads: int | None = None):
+        self.channels = loader.channels
+        self.planes = np.zeros((rows, loader.channels, size, size), np.uint8)
+        self.failed: dict[int, Exception] = {}
+
+        def read(row: int) -> None:
+            try:
+                self.planes[row] = np.stack(loader(row))
+            except (DicomReadError, OSError) as err:  # skipped at access, like an unreadable file
+                self.failed[row] = err
+
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # decoders release the GIL
+            list(tqdm(pool.map(read, range(rows)), total=rows, desc="Reading slices into memory", unit="slice",
+                      mininterval=1.0, disable=rows < 1000))
+
+    def __call__(self, row: int) -> list[np.ndarray]:
+        if row in self.failed:
+            raise self.failed[row]
+        return list(self.planes[row])
 
 
 def as_bytes(values) -> np.ndarray:
