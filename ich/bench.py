@@ -25,10 +25,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from typing import Any
+
 import cv2
 import numpy as np
 import pandas as pd
 import pydicom
+import pytorch_lightning as pl
+import timm
 import torch
 from omegaconf import OmegaConf
 from pydicom import config as pydicom_config
@@ -53,6 +57,8 @@ from ich.data.dataset import (
 from ich.data.dicom import read_hu_square
 from ich.data.index import INDEX_VERSION, IndexSummary, file_stamp, index_dir
 from ich.data.windows import WINDOWS, parse_windows, window_stack
+from ich.hardware import resolve_trainer
+from ich.phantom import generate_images
 from ich.privacy import pseudonym
 from ich.results import write_atomic
 from ich.tasks import LABELS
@@ -66,7 +72,8 @@ RSNA_SERIES, RSNA_PATIENTS = 21_744, 18_938
 # `any` is their OR there, as in RSNA (about 18% when drawn independently, against RSNA's 14.4%).
 RSNA_PREVALENCE = {"epidural": 0.004, "intraparenchymal": 0.048, "intraventricular": 0.035,
                    "subarachnoid": 0.048, "subdural": 0.063}
-TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9}
+TARGETS = {"dicom_vs_naive": 4.0, "cache_vs_dicom": 10.0, "real_vs_random": 0.9,
+           "ich_vs_plain_images": 0.9, "ich_vs_plain_dicom_cache": 0.9}
 SCALE_TARGETS = {"setup_s": 15.0, "worker_rss_growth_mb": 64.0}  # at most, on the 2-core development machine
 
 
@@ -284,10 +291,94 @@ def training_loader(cache: SliceCache, index: pd.DataFrame, args: argparse.Names
                       worker_init_fn=init_worker, collate_fn=collate_skipping, drop_last=True)
 
 
+# --- the framework against a plain loop: same model, size, precision, batch and steps -------------------
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of training batch `warmup` to the end of fit."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.started, self.elapsed = warmup, None, None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup and self.started is None:
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.elapsed = time.perf_counter() - self.started
+
+
+def ich_vs_plain(datamodule: ICHDataModule, args: argparse.Namespace, precision: str, channels_last: bool) -> dict:
+    """Training images/s through ich (this data module, ICHLitModule, Lightning's loop) and through a plain
+    loop over the same training slices already in memory as float tensors, unaugmented; and their ratio."""
+    from ich.module import ICHLitModule
+
+    steps, warmup, batch = args.vs_plain_steps, args.warmup, datamodule.batch_size
+    bf16 = precision == "bf16-mixed"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    module = ICHLitModule(task="binary", backbone=args.backbone, in_chans=datamodule.num_channels,
+                          channels_last=channels_last)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=warmup + steps,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, datamodule=datamodule)
+    ich_rate = steps * batch / timer.elapsed
+
+    train = datamodule.datasets["train"].subset(np.arange(len(datamodule.datasets["train"])))
+    images = torch.stack([train[i]["image"] for i in range(len(train))]).float().div_(255)
+    targets = torch.as_tensor(train.targets, dtype=torch.float32)
+    model = timm.create_model(args.backbone, num_classes=1, in_chans=images.shape[1]).to(memory_format=layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    order = torch.randperm(len(images)).repeat(math.ceil((warmup + steps) * batch / len(images)))
+
+    def plain_step(step: int) -> None:
+        rows = order[step * batch : (step + 1) * batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images[rows].contiguous(memory_format=layout))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for step in range(warmup):
+        plain_step(step)
+    start = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        plain_step(step)
+    plain_rate = steps * batch / (time.perf_counter() - start)
+    return {"ich_images_per_s": round(ich_rate, 2), "plain_images_per_s": round(plain_rate, 2),
+            "ratio": round(ich_rate / plain_rate, 3), "workers": resolve_workers(datamodule.num_workers),
+            "threads": torch.get_num_threads(), "steps": steps, "batch_size": batch, "precision": precision,
+            "channels_last": channels_last, "backbone": args.backbone, "size": datamodule.image_size}
+
+
+def vs_plain(workdir: Path, args: argparse.Namespace) -> dict:
+    """`train/ich_vs_plain` from an image folder and from the DICOM slice cache, at the trainer's precision."""
+    trainer = resolve_trainer({"accelerator": "cpu", "precision": "auto", "channels_last": "auto"})
+    common = dict(task="binary", cache_dir=str(workdir), image_size=args.vs_plain_size, batch_size=16,
+                  num_workers=args.loader_workers, seed=0)
+    generate_images(workdir / "pngs", patients=args.vs_plain_patients, slices=12, size=args.dicom_size, seed=0)
+    phantom = {"patients": args.vs_plain_patients, "slices": 12, "size": args.dicom_size, "seed": 0, "quirks": False}
+    sources = {
+        "images": ICHDataModule(source="images", root=str(workdir / "pngs"), labels=str(workdir / "pngs" / "labels.csv"),
+                                **common),
+        "dicom_cache": ICHDataModule(source="phantom", phantom=phantom, cache=True, **common),
+    }
+    result = {}
+    for name, datamodule in sources.items():
+        datamodule.prepare_data()
+        datamodule.setup()
+        result[name] = ich_vs_plain(datamodule, args, trainer["precision"], trainer["channels_last"])
+    return result
+
+
 # --- RSNA scale: setup time and memory of the data module on an index of 752,803 slices ------------------
 
 
-def synthetic_rsna(root: Path, cache_dir: Path, slices: int, series: int, seed: int = 0) -> None:
+def synthetic_rsna(root: Path, cache_dir: Path, slices: int, series: int, seed: int = 0) -> np.ndarray:
     """An RSNA layout under `root` whose index in `cache_dir` is fresh: `slices` rows in `series` series of
     about RSNA's patients per series, labels at RSNA's prevalence, and no pixels (the files do not exist).
 
@@ -324,6 +415,7 @@ def synthetic_rsna(root: Path, cache_dir: Path, slices: int, series: int, seed: 
     summary = IndexSummary(files_found=slices, read=slices, labels_file=str(labels_csv), version=INDEX_VERSION,
                            labels_stamp=file_stamp(labels_csv), images_stamp=file_stamp(images))
     write_atomic(folder / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary.__dict__)))
+    return as_bytes(index["path"])
 
 
 class ConstantLoader(DicomLoader):
@@ -349,16 +441,16 @@ def collate_with_memory(items: list[dict]) -> dict:
 def scale(workdir: Path, slices: int, series: int) -> dict:
     """Setup time of the data module from a fresh index, host bytes per training slice, and the growth of
     one DataLoader worker's private memory over one pass over the training keys (windows x context 1)."""
-    synthetic_rsna(workdir / "rsna", workdir / "cache", slices, series)
+    paths = synthetic_rsna(workdir / "rsna", workdir / "cache", slices, series)
     datamodule = ICHDataModule(source="rsna", root=str(workdir / "rsna"), cache_dir=str(workdir / "cache"),
-                               context=1, image_size=8, num_workers=1, output_dir=str(workdir / "run"))
+                               context=1, image_size=256, num_workers=1, output_dir=str(workdir / "run"))
     start = time.perf_counter()
     datamodule.prepare_data()
     datamodule.setup()
     setup_s = time.perf_counter() - start
     train = datamodule.datasets["train"]
-    arrays = (train.stacks, train.targets, train.image_ids, train.loader.paths)
-    train.loader = ConstantLoader(train.loader.paths, train.loader.windows, 8)
+    arrays = (train.stacks, train.targets, train.image_ids, paths)
+    train.loader = ConstantLoader(paths, datamodule.windows, 8)
     train.transform = None  # pixels are not the point here: what a worker touches per slice is
     loader = DataLoader(train, batch_size=512, sampler=EpochShuffle(train, 0), num_workers=1,
                         collate_fn=collate_with_memory, worker_init_fn=init_worker)
@@ -423,6 +515,8 @@ def target_checks(result: dict) -> dict:
     compared = result["model"].get("loader_vs_random")
     if compared:
         ratios["real_vs_random"] = compared["ratio"]
+    for source, figures in result.get("train", {}).get("ich_vs_plain", {}).items():
+        ratios[f"ich_vs_plain_{source}"] = figures["ratio"]
     return {
         name: {"ratio": round(value, 2), "target": TARGETS[name], "met": value >= TARGETS[name]}
         for name, value in ratios.items()
@@ -445,6 +539,10 @@ def print_table(result: dict) -> None:
         compared = model["loader_vs_random"]
         print(f"  real batches ({compared['workers']} workers) {compared['real_images_per_s']:.1f} images/s vs "
               f"random tensors on the device {compared['random_images_per_s']:.1f}: {compared['ratio']:.2f}")
+    for source, figures in result["train"].get("ich_vs_plain", {}).items():
+        print(f"train/ich_vs_plain from {source}: {figures['backbone']} {figures['size']}px {figures['precision']} "
+              f"batch {figures['batch_size']}, {figures['workers']} workers, {figures['threads']} threads: ich "
+              f"{figures['ich_images_per_s']:.1f} vs plain {figures['plain_images_per_s']:.1f} images/s = {figures['ratio']:.2f}")
     for name, check in result["targets"].items():
         print(f"target {name}: {check['ratio']}x (want >= {check['target']}): {'met' if check['met'] else 'NOT met'}")
     print(f"projection, one RSNA epoch ({RSNA_SLICES:,} slices): {result['projection']}")
@@ -479,6 +577,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-loader", action=argparse.BooleanOptionalAction, default=None,
                         help="train on cached batches and on random tensors on the device (default: on a GPU)")
     parser.add_argument("--loader-workers", default="auto", help="DataLoader processes of --compare-loader")
+    parser.add_argument("--vs-plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="train through ich and through a plain loop, from an image folder and the slice cache")
+    parser.add_argument("--vs-plain-steps", type=int, default=30, help="timed training steps of --vs-plain")
+    parser.add_argument("--vs-plain-size", type=int, default=192, help="image size of --vs-plain")
+    parser.add_argument("--vs-plain-patients", type=int, default=60, help="phantom patients (12 slices each) of --vs-plain")
     parser.add_argument("--scale", action="store_true",
                         help="also measure data-module setup and loader memory on a synthetic RSNA-sized index")
     parser.add_argument("--scale-slices", type=int, default=RSNA_SLICES, help="slices of the --scale index")
@@ -518,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads or cores)
         loader = training_loader(cache, index, args, device) if compare else None
         model = model_speed(args, device, loader)
+        train = {"ich_vs_plain": vs_plain(workdir / "vs-plain", args)} if args.vs_plain else {}
     result = {
         "machine": {
             "cpu": cpu_model(), "cores": cores, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -534,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "per_core_repeats": {name: [round(v, 1) for v in values] for name, values in rates.items()},
         "cache_build": cache_build,
         "model": model,
+        "train": train,
     }
     if args.scale:
         with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ def test_bench_writes_every_figure_as_json(tmp_path):
     result = main(["--slices", "8", "--dicom-size", "64", "--size", "32", "--batch-size", "2", "--steps", "1",
                    "--warmup", "1", "--repeats", "1", "--min-seconds", "0", "--compare-loader", "--loader-workers", "0",
                    "--scale", "--scale-slices", "3000", "--scale-series", "90",
+                   "--vs-plain-steps", "1", "--vs-plain-size", "32", "--vs-plain-patients", "8",
                    "--threads", "1", "--peak-tflops", "1", "--out", str(out)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
@@ -21,9 +22,15 @@ def test_bench_writes_every_figure_as_json(tmp_path):
     assert model["forward_gflops_per_image"] > 0 and model["train_gflops_per_image"] > 2 * model["forward_gflops_per_image"]
     assert model["train_peak_fraction"] == round(model["train_tflops_per_s"] / 1, 4)
     assert model["loader_vs_random"]["real_images_per_s"] > 0
-    assert set(written["targets"]) == {"dicom_vs_naive", "cache_vs_dicom", "real_vs_random"}
+    assert set(written["targets"]) == {"dicom_vs_naive", "cache_vs_dicom", "real_vs_random", "ich_vs_plain_images",
+                                       "ich_vs_plain_dicom_cache"}
     assert written["projection"]["slices"] == 752_803 and written["projection"]["epoch_hours_cache_path"] > 0
     assert written["machine"]["cores"] >= 1 and written["cache_build"]["images_per_s"] > 0
+    for source in ("images", "dicom_cache"):  # train/ich_vs_plain: the same steps through ich and a plain loop
+        figures = written["train"]["ich_vs_plain"][source]
+        assert figures["ich_images_per_s"] > 0 and figures["plain_images_per_s"] > 0
+        assert figures["ratio"] == round(figures["ich_images_per_s"] / figures["plain_images_per_s"], 3)
+    assert {"ich_vs_plain_images", "ich_vs_plain_dicom_cache"} <= set(written["targets"])
     scale = written["scale"]
     assert (scale["slices"], scale["series"]) == (3000, 90)
     assert 0.6 * 3000 < scale["train_slices"] < 0.8 * 3000  # 70% of the patients

@@ -145,5 +145,6 @@ def test_num_workers_auto_follows_the_cores(cache_dir, tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert resolve_workers("auto") == max(1, min(8, cores)) and resolve_workers(3) == 3
     assert resolve_workers("auto", devices=64) == 1
+    assert resolve_workers("auto", on_cpu=True) == 1 and resolve_workers(0, on_cpu=True) == 0
     with pytest.raises(ValueError, match="data.num_workers"):
         ICHDataModule(num_workers="many")

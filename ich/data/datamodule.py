@@ -114,10 +114,14 @@ def memory_budget() -> int:
     return min(4 << 30, physical // 8)
 
 
-def resolve_workers(num_workers: int | str, devices: int = 1) -> int:
-    """DataLoader processes for `data.num_workers`; `auto` shares the usable cores among the devices, at most 8 each."""
+def resolve_workers(num_workers: int | str, devices: int = 1, on_cpu: bool = False) -> int:
+    """DataLoader processes for `data.num_workers`. `auto` shares the usable cores among the GPUs, at most 8
+    each; training on the CPU gets one: the model's threads need the cores, and one worker reading, windowing
+    and augmenting keeps ahead of a CPU-trained model by far (see README, Speed)."""
     if num_workers != "auto":
         return int(num_workers)
+    if on_cpu:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cores // max(1, devices)))
 
@@ -355,7 +359,9 @@ class ICHDataModule(pl.LightningDataModule):
     def loader(self, dataset: SliceDataset, shuffle: bool = False) -> DataLoader:
         """A DataLoader over `dataset` (a stage's, or a subset of one) as training reads it: workers, batch
         size, seeded epoch shuffling, unreadable slices skipped."""
-        workers = resolve_workers(self.num_workers, self.trainer.num_devices if self.trainer is not None else 1)
+        trainer = self.trainer
+        on_cpu = trainer is None and not torch.cuda.is_available() or trainer is not None and trainer.strategy.root_device.type == "cpu"
+        workers = resolve_workers(self.num_workers, trainer.num_devices if trainer is not None else 1, on_cpu)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -243,6 +243,8 @@ def init_worker(worker_id: int) -> None:
     out of the collector's reach without touching them; the worker's own objects are collected as usual.
     """
     gc.freeze()
+    # NOTE: OpenCV's thread count is left alone: cv2.setNumThreads in a forked worker whose parent has run
+    # OpenCV's thread pool (resizing slices into memory, say) waits forever on the pool's lost threads.
     reuse_freed_memory()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):  # a worker_init_fn of ours replaces the one Lightning would add
         pl_worker_init_function(worker_id)
