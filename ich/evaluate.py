@@ -1,12 +1,12 @@
 """Evaluate one trained checkpoint: `run(cfg)` is what `python evaluate.py ckpt_path=PATH` calls.
 
-The checkpoint says how its inputs were made (windows, context, image size, normalisation) and which
-data it was trained on, so the .ckpt file alone is enough: by default it is tested on its training
-data's test patients (the run's split.csv when the run folder is still beside it, else the same split
-drawn again from the saved seed). Other data can be chosen (`data=rsna data.root=DIR`): the input is
-still shaped as in training, and a dataset other than training's is used whole as an external test
-set. Data options that contradict the checkpoint are refused. Everything goes to the evaluation's
-own folder; a training run is only read.
+The checkpoint says how its inputs were made (windows, context, image size, normalisation), which
+data it was trained on, and its operating thresholds and temperature, so the .ckpt file alone is
+enough: by default it is tested on its training data's test patients (the run's split.csv when the run
+folder is still beside it, else the same split drawn again from the saved seed). Other data can be
+chosen (`data=rsna data.root=DIR`): the input is still shaped as in training, and a dataset other than
+training's is used whole as an external test set. Data options that contradict the checkpoint are
+refused. Everything goes to the evaluation's own folder; a training run is only read.
 """
 
 import logging
@@ -19,13 +19,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from ich.data.datamodule import ICHDataModule
 from ich.data.windows import parse_windows
 from ich.metrics import build_metrics
-from ich.module import ICHLitModule
-from ich.plots import save_figures
+from ich.module import ICHLitModule, predict_logits
+from ich.operating import honest_metrics, slice_groups
+from ich.plots import save_figures, save_reliability_diagram
 from ich.results import predictions_table, print_metrics, write_json
 from ich.runs import best_checkpoint, training_run_dir
 from ich.tasks import LABELS, Task
@@ -77,14 +77,20 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
         enable_checkpointing=False,
         default_root_dir=str(output_dir),
     )
-    ids, probs, targets = predict(trainer, model, datamodule.predict_dataloader())
+    ids, logits, targets = predict_logits(trainer, model, datamodule.predict_dataloader())
+    probs = model.probabilities(logits)  # at the checkpoint's temperature
 
     metrics = compute_metrics(task, float(model.hparams.threshold), probs, targets)
+    patients, studies = slice_groups(datamodule.tables["test"], ids)
+    temperature = float(model.temperature)
+    metrics.update(honest_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients, studies,
+                                  resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
     metrics["data/slices_test"] = float(len(ids))
-    write_json(output_dir / "metrics.json", metrics)
-    patients = datamodule.tables["test"].set_index("image_id")["patient"]
-    predictions_table(task, ids, patients, probs, targets).to_csv(output_dir / "predictions.csv", index=False)
+    write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
+    table = predictions_table(task, ids, datamodule.tables["test"].set_index("image_id")["patient"], probs, targets)
+    table.to_csv(output_dir / "predictions.csv", index=False)
     save_figures(output_dir, task, float(model.hparams.threshold), probs, targets)
+    save_reliability_diagram(output_dir / "reliability.png", task, logits, targets, temperature)
 
     if test_dir is not None:
         write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)
@@ -201,17 +207,6 @@ def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:
 # --- predictions and what is made of them ---------------------------------------------------------
 
 
-def predict(
-    trainer: pl.Trainer, model: ICHLitModule, loader: DataLoader
-) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Image ids, probabilities [N, K] and targets of every slice the loader could read."""
-    batches = trainer.predict(model, dataloaders=loader)
-    ids = [image_id for batch in batches for image_id in batch["image_id"]]
-    probs = torch.cat([batch["probs"] for batch in batches]).float().cpu()
-    targets = torch.cat([batch["target"] for batch in batches]).cpu()
-    return ids, probs, targets
-
-
 def compute_metrics(task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """The training test stage's collection on all predictions at once, so the names match (`test/auroc`, ...)."""
     collection = build_metrics(task, threshold, prefix="test/")
@@ -227,8 +222,8 @@ def write_submission(
     path: Path, trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule, test_dir: Path
 ) -> None:
     """Kaggle's `ID,Label` rows, six per image (`ID_<hex>_<label>`), for the unlabelled DICOMs of `test_dir`."""
-    ids, probs, _ = predict(trainer, model, datamodule.folder_dataloader(test_dir))
-    rows = submission_rows(ids, probs)
+    ids, logits, _ = predict_logits(trainer, model, datamodule.folder_dataloader(test_dir))
+    rows = submission_rows(ids, model.probabilities(logits))
     rows.to_csv(path, index=False, float_format="%.6g")
     missing = sorted({file.stem for file in test_dir.rglob("*.dcm")} - set(ids))
     if missing:

@@ -95,7 +95,7 @@ def build_metrics(task: str | Task, threshold: float = 0.5, prefix: str = "") ->
     """All metrics of one stage; `prefix` is the stage with its slash ("val/"). Build one per stage, never share.
 
     Tasks with several outputs also get every metric per class as `<metric>_<label>`; the six-label
-    task also gets the RSNA `logloss`.
+    task also gets the RSNA challenge metric, `logloss_weighted`.
     """
     task = get_task(task) if isinstance(task, str) else task
     metrics: dict[str, Metric] = {}
@@ -108,7 +108,7 @@ def build_metrics(task: str | Task, threshold: float = 0.5, prefix: str = "") ->
     if task.num_outputs > 1:
         metrics["auroc_per_class"] = _classwise(OneVsRestAUROC(task.num_outputs, average=None), task, "auroc")
     if task.outputs == LABELS:
-        metrics["logloss"] = RSNALogLoss()
+        metrics["logloss_weighted"] = RSNALogLoss()
     # Compute groups would share states with the metric inside each ClasswiseWrapper without counting its
     # updates, and torchmetrics then warns on every compute; the states here are small enough to keep apart.
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)

@@ -14,11 +14,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import MaxMetric
 
 from ich.data.windows import to_unit_float
 from ich.metrics import build_metrics
 from ich.models import build_head, create_backbone
+from ich.operating import OPERATING_POINTS, choose_thresholds, fit_temperature, one_vs_rest, probabilities
 from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ class ICHLitModule(pl.LightningModule):
         optimizer, scheduler: Hydra `_target_` dicts, built as partials in configure_optimizers.
         pos_weight: BCE positive weight per output; class_weights: CE weight per subtype.
         rsna_weights: weight the multilabel loss 2 on `any`, 1 on subtypes, like the challenge metric.
-        threshold: probability cut-off of the thresholded metrics.
+        threshold: probability cut-off of the thresholded metrics (and the operating threshold until one is chosen).
+        operating_point: how `choose_operating_point` picks each output's threshold on validation: `sensitivity`
+            (the most specific threshold that reaches `target_sensitivity`) or `youden`.
+        calibrate: fit a temperature on validation first (temperature scaling).
         channels_last, compile: speed options for GPUs.
         normalize: auto (the backbone's pretrained mean/std when its weights come from pretraining, none
             from scratch) | pretrained (that mean/std always) | none. The values are buffers, so they
@@ -74,6 +79,9 @@ class ICHLitModule(pl.LightningModule):
         class_weights: list[float] | None = None,
         rsna_weights: bool = False,
         threshold: float = 0.5,
+        operating_point: str = "sensitivity",
+        target_sensitivity: float = 0.95,
+        calibrate: bool = False,
         channels_last: bool = False,
         compile: bool = False,
         normalize: str = "auto",
@@ -83,6 +91,10 @@ class ICHLitModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.task = get_task(task, label)
+        if operating_point not in OPERATING_POINTS:
+            raise ValueError(f"Unknown task.operating_point={operating_point}: choose one of {', '.join(OPERATING_POINTS)}.")
+        if not 0 < target_sensitivity <= 1:
+            raise ValueError(f"task.target_sensitivity={target_sensitivity} is a fraction of positives: give it in (0, 1].")
         self._freeze = "none"
         self.backbone = create_backbone(backbone, in_chans, pretrained, weights)
         # timm's num_features is the width before a pre-logits block (VGG, MobileNetV3); head_hidden_size after it
@@ -91,6 +103,10 @@ class ICHLitModule(pl.LightningModule):
         mean, std = input_normalization(self.backbone, in_chans, normalize, pretrained or weights is not None)
         self.register_buffer("input_mean", mean)
         self.register_buffer("input_std", std)
+        # Chosen on the validation patients after training (choose_operating_point); buffers, so the checkpoint
+        # carries them and every later prediction applies them.
+        self.register_buffer("op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
+        self.register_buffer("temperature", torch.ones(()))
         if init_from is not None:
             self._init_from(Path(init_from))
         self.criterion = build_loss(self.task, pos_weight, class_weights, rsna_weights)
@@ -123,8 +139,27 @@ class ICHLitModule(pl.LightningModule):
         return self.backbone(image)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the outputs for a cross-entropy task, an independent sigmoid per output otherwise."""
-        return logits.softmax(dim=-1) if self.task.loss == "ce" else logits.sigmoid()
+        """The task's softmax or sigmoids of the logits at the model's temperature (1 unless calibrated)."""
+        return probabilities(self.task, logits, self.temperature.to(logits.device))
+
+    @torch.no_grad()
+    def choose_operating_point(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Fit the temperature (with `calibrate`), then choose one threshold per output, on validation logits
+        [N, K] and targets; both are kept in buffers."""
+        logits = logits.float().to(self.temperature.device)
+        self.temperature.fill_(fit_temperature(logits, targets, self.task.loss) if self.hparams.calibrate else 1.0)
+        thresholds = choose_thresholds(
+            self.probabilities(logits).cpu().numpy(),
+            one_vs_rest(self.task, targets.cpu().numpy()),
+            self.hparams.operating_point,
+            self.hparams.target_sensitivity,
+            fallback=self.hparams.threshold,
+        )
+        self.op_thresholds.copy_(torch.as_tensor(thresholds))
+        log.info("Operating point (%s) on %d validation slices: thresholds %s, temperature %.3f",
+                 self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
+                                                                      zip(self.task.outputs, thresholds)),
+                 float(self.temperature))
 
     # --- freezing -------------------------------------------------------------------------------------
 
@@ -149,6 +184,11 @@ class ICHLitModule(pl.LightningModule):
             self.backbone.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        """Train and validate as the plain model: a run resumed from a calibrated checkpoint chooses again."""
+        self.temperature.fill_(1.0)
+        self.op_thresholds.fill_(self.hparams.threshold)
+
     def on_train_start(self) -> None:
         # Applied here rather than at construction: Lightning warns about modules in eval mode just before.
         self.train()
@@ -172,9 +212,10 @@ class ICHLitModule(pl.LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
-        """Per-image probabilities [B, K] with their ids (and targets when the data has them)."""
-        probs = self.probabilities(self(batch["image"]).float())
-        return {"image_id": batch["image_id"], "probs": probs, "target": batch.get("target")}
+        """Per-image logits and probabilities [B, K] with their ids (and targets when the data has them)."""
+        logits = self(batch["image"]).float()
+        return {"image_id": batch["image_id"], "logits": logits, "probs": self.probabilities(logits),
+                "target": batch.get("target")}
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         logits = self(batch["image"])
@@ -366,3 +407,14 @@ def _partial(config: dict) -> partial:
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def predict_logits(
+    trainer: pl.Trainer, model: ICHLitModule, loader: DataLoader
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Image ids, logits [N, K] and targets of every slice the loader could read, through one device's trainer."""
+    batches = trainer.predict(model, dataloaders=loader)
+    ids = [image_id for batch in batches for image_id in batch["image_id"]]
+    logits = torch.cat([batch["logits"] for batch in batches]).float().cpu()
+    targets = torch.cat([batch["target"] for batch in batches]).cpu()
+    return ids, logits, targets

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
 
+from ich.operating import calibration_bins, expected_calibration_error, one_vs_rest, probabilities  # noqa: E402
 from ich.tasks import Task  # noqa: E402
 
 
@@ -114,3 +115,31 @@ def save_figures(output_dir: Path, task: Task, threshold: float, probs: torch.Te
         ]
     save_confusion_matrices(output_dir / "confusion_matrix.png", panels)
     save_roc_curves(output_dir / "roc.png", one_vs_rest, scores, task.outputs)
+
+
+def save_reliability_diagram(path: Path, task: Task, logits: torch.Tensor, targets: torch.Tensor,
+                             temperature: float) -> None:
+    """reliability.png: observed frequency against mean predicted probability in equal-mass bins, one curve per
+    output, its ECE in the legend; dotted, the same before temperature scaling when the temperature is not 1."""
+    truth = one_vs_rest(task, targets.numpy())
+    fig, ax = plt.subplots(figsize=(6.5, 6.0))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    shown = [(temperature, "-", "")] + ([(1.0, ":", " before scaling")] if temperature != 1 else [])
+    for scale, style, note in shown:
+        probs = probabilities(task, logits.float(), scale).numpy()
+        for k, name in enumerate(task.outputs):
+            mean_prob, frequency, _ = calibration_bins(probs[:, k], truth[:, k])
+            ece = expected_calibration_error(probs[:, k], truth[:, k])
+            ax.plot(mean_prob, frequency, style, marker="o", markersize=3, color=f"C{k}",
+                    label=f"{name}{note} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("mean predicted probability (equal-mass bins)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title("Reliability" + (f" (temperature {temperature:.3g})" if temperature != 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

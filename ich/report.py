@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-DEFAULT_METRIC = "val/auroc_best"
+DEFAULT_METRIC = "val/loss_best"
 # The columns of the markdown table after the optimised metric (the CSV has every metric).
-SHOWN = ("val/auroc_best", "test/auroc", "test/acc", "test/sensitivity", "test/specificity", "test/f1", "test/logloss",
-         "time/fit_seconds")
+SHOWN = ("val/loss_best", "val/auroc_best", "test/auroc", "test/op_sensitivity", "test/op_specificity", "test/acc",
+         "test/sensitivity", "test/specificity", "test/f1", "test/logloss_weighted", "time/fit_seconds")
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:

@@ -23,8 +23,10 @@ from pytorch_lightning.loggers import WandbLogger
 from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
 from ich.hardware import resolve_trainer
-from ich.module import ICHLitModule
-from ich.results import print_metrics, write_json
+from ich.module import ICHLitModule, predict_logits
+from ich.operating import honest_metrics, slice_groups
+from ich.plots import save_reliability_diagram
+from ich.results import print_metrics, write_atomic, write_json
 from ich.runs import resume_checkpoint, training_run_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
         label=task.outputs[0] if task.name == "binary" else None,
         in_chans=datamodule.num_channels,
         threshold=float(cfg.task.threshold),
+        operating_point=str(cfg.task.operating_point),
+        target_sensitivity=float(cfg.task.target_sensitivity),
+        calibrate=bool(cfg.task.calibrate),
         pos_weight=datamodule.pos_weight() if weighted and task.loss == "bce" else None,
         class_weights=datamodule.class_weights() if weighted and task.loss == "ce" else None,
         rsna_weights=bool(cfg.task.get("rsna_weights", False)),
@@ -151,7 +156,8 @@ def find_lr(trainer: pl.Trainer, model: ICHLitModule, datamodule: ICHDataModule,
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
+    """Train, choose the operating points on validation, then test the best checkpoint; returns the flat metrics
+    also written to metrics.json."""
     cfg, resume_from = resume_config(cfg)
     cfg.trainer = resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))  # logged as decided
     pl.seed_everything(cfg.seed, workers=True)
@@ -211,17 +217,72 @@ def _train_and_test(
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics["time/fit_seconds"] = time.perf_counter() - started
     metrics.update({k: v for k, v in _numbers(trainer.callback_metrics).items() if k.startswith("val/")})
+    selection = trainer.checkpoint_callback
+    if selection is not None and selection.best_model_score is not None:
+        # what a sweep optimises by default: the selected checkpoint's value of the monitored metric
+        metrics[f"{selection.monitor}_best"] = float(selection.best_model_score)
+
+    predictor = prediction_trainer(cfg, trainer) if trainer.is_global_zero else None
+    if predictor is not None:
+        choose_operating_points(predictor, trainer, model, datamodule)
+    trainer.strategy.barrier("operating points")  # every rank tests the checkpoint with its thresholds
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = selection.best_model_path if selection else ""
         (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update(_numbers(results))
+        if predictor is not None:
+            metrics.update(operating_point_metrics(cfg, predictor, model, datamodule))
     for stage, count in datamodule.summary["slices"].items():
         metrics[f"data/slices_{stage}"] = float(count)
     undefined = sorted(k for k, v in metrics.items() if math.isnan(v))
     if undefined:
         log.warning("Undefined on this data (a class absent from the split), written as null: %s", ", ".join(undefined))
     return metrics
+
+
+def prediction_trainer(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
+    """One device at the training run's precision, for the validation and test predictions the operating points
+    are chosen and read on: the probabilities of the test stage, so its figures and their intervals agree."""
+    return pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=trainer.precision, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=cfg.output_dir)
+
+
+def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: ICHLitModule,
+                            datamodule: ICHDataModule) -> None:
+    """Temperature and thresholds of the best checkpoint and of last.ckpt, each chosen on its own validation
+    predictions (ICHLitModule.choose_operating_point) and written into its file: a .ckpt alone carries them.
+
+    Without checkpoint files (fast_dev_run) the model in memory gets them.
+    """
+    selection = trainer.checkpoint_callback
+    paths = {Path(p) for p in (selection.best_model_path, selection.last_model_path) if p} if selection else set()
+    loader = datamodule.loader(datamodule.datasets["val"])
+    if not paths:
+        _, logits, targets = predict_logits(predictor, model, loader)
+        model.choose_operating_point(logits, targets)
+        return
+    for path in sorted(paths):
+        chosen = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        _, logits, targets = predict_logits(predictor, chosen, loader)
+        chosen.choose_operating_point(logits, targets)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        for name in ("op_thresholds", "temperature"):
+            checkpoint["state_dict"][name] = getattr(chosen, name).detach().cpu()
+        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLitModule,
+                          datamodule: ICHDataModule) -> dict[str, float]:
+    """The tested model's operating points, patient-level intervals, calibration and exam level on the test
+    split (ich.operating.honest_metrics, as evaluate.py reports them), and reliability.png in the run folder."""
+    ids, logits, targets = predict_logits(predictor, model, datamodule.loader(datamodule.datasets["test"]))
+    patients, studies = slice_groups(datamodule.tables["test"], ids)
+    temperature = float(model.temperature)
+    save_reliability_diagram(Path(cfg.output_dir) / "reliability.png", model.task, logits, targets, temperature)
+    return honest_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
+                          studies, resamples=int(cfg.bootstrap), seed=int(cfg.seed))
 
 
 def _finish_wandb(trainer: pl.Trainer, exit_code: int) -> None:
@@ -240,7 +301,7 @@ def objective(cfg: DictConfig) -> float | None:
     sweeping = _in_multirun()
     if sweeping:
         _check_multirun_launch(cfg)
-    name = cfg.get("optimized_metric") or "val/auroc_best"
+    name = cfg.get("optimized_metric") or "val/loss_best"
     try:
         metrics = run(cfg)
     except Exception:

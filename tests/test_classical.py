@@ -138,7 +138,7 @@ def test_subtype_and_multilabel_fit_with_their_metric_names(cache_dir, tmp_path,
     if task == "subtype":
         assert "target" in header and "prob_subdural" in header
     else:
-        assert {"target_epidural", "prob_epidural"} <= set(header) and "test/logloss" in metrics
+        assert {"target_epidural", "prob_epidural"} <= set(header) and "test/logloss_weighted" in metrics
 
 
 def test_a_saved_classifier_loads_alone_and_predicts_the_same(cache_dir, tmp_path):

@@ -63,9 +63,9 @@ def test_ddp_on_two_cpu_processes_aggregates_metrics_over_both(cache_dir, tmp_pa
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"  # saved right after that validation, same weights
     everything = val_metrics_of(checkpoint, cfg, indices)
     rank_zero_only = val_metrics_of(checkpoint, cfg, indices[0::2])
-    for name in ("val/logloss", "val/acc"):
+    for name in ("val/logloss_weighted", "val/acc"):
         assert written[name] == pytest.approx(everything[name], abs=1e-5), name
-    assert not math.isclose(everything["val/logloss"], rank_zero_only["val/logloss"], abs_tol=1e-5)
+    assert not math.isclose(everything["val/logloss_weighted"], rank_zero_only["val/logloss_weighted"], abs_tol=1e-5)
 
 
 @pytest.mark.slow

@@ -21,12 +21,15 @@ from ich.tasks import LABELS, SUBTYPES
 from ich.train import run as train
 
 ROOT = CONFIG_DIR.parent
-FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png")
 
 
 def train_run(path, cache_dir, *overrides):
     """A training run folder as `python train.py` leaves it: .hydra/config.yaml, split.csv, checkpoints/."""
-    cfg = compose_config("train", [*FAST_RUN, f"output_dir={path}", f"data.cache_dir={cache_dir}", *overrides])
+    # float32 as evaluate.py predicts by default (precision auto is bf16 on a CPU with native bf16), so that the
+    # test stage of training and the evaluation see the same probabilities
+    cfg = compose_config("train", [*FAST_RUN, f"output_dir={path}", f"data.cache_dir={cache_dir}",
+                                   "trainer.precision=32-true", *overrides])
     (path / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, path / ".hydra" / "config.yaml", resolve=True)  # Hydra's job, which compose skips
     return train(cfg)
@@ -41,9 +44,9 @@ def evaluate(checkpoint, output_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def multilabel(cache_dir, tmp_path_factory):
-    """The best checkpoint of a multilabel run (the one its test stage used) and the run's metrics."""
+    """The best checkpoint of a calibrated multilabel run (the one its test stage used) and the run's metrics."""
     path = tmp_path_factory.mktemp("train-multilabel")
-    metrics = train_run(path, cache_dir, "task=multilabel")
+    metrics = train_run(path, cache_dir, "task=multilabel", "task.calibrate=true")
     return next((path / "checkpoints").glob("epoch*.ckpt")), metrics
 
 
@@ -95,13 +98,35 @@ def test_metrics_match_the_training_runs_test_stage(multilabel, evaluation):
     _, trained = multilabel
     _, metrics = evaluation
     tested = {name: value for name, value in trained.items() if name.startswith("test/") and name != "test/loss"}
-    assert {"test/auroc", "test/acc", "test/logloss", "test/sensitivity_epidural"} <= set(tested)
+    assert {"test/auroc", "test/acc", "test/logloss_weighted", "test/sensitivity_epidural", "test/op_sensitivity",
+            "test/op_sensitivity_ci_low_any", "test/auroc_ci_high", "test/ece_uncalibrated", "test/exam_auroc"} <= set(tested)
     assert {name for name in metrics if name.startswith("test/")} == set(tested)
     assert {name: metrics[name] for name in tested} == pytest.approx(tested, abs=1e-5, nan_ok=True)
 
 
+def test_evaluation_applies_the_thresholds_and_temperature_the_checkpoint_carries(multilabel, tmp_path):
+    """A copy of the .ckpt, away from its run folder: what it carries decides the operating point and probabilities."""
+    checkpoint = torch.load(multilabel[0], weights_only=True)
+    thresholds, temperature = checkpoint["state_dict"]["op_thresholds"], checkpoint["state_dict"]["temperature"]
+    assert temperature.item() != 1.0  # task.calibrate=true fitted one on validation
+    copy = tmp_path / "copy" / "model.ckpt"
+    copy.parent.mkdir()
+    torch.save(checkpoint, copy)
+    metrics = evaluate(copy, tmp_path / "as-saved")
+    assert [metrics[f"test/op_threshold_{label}"] for label in LABELS] == pytest.approx(thresholds.tolist())
+    assert metrics["test/ece"] != metrics["test/ece_uncalibrated"]
+
+    checkpoint["state_dict"]["op_thresholds"] = torch.zeros(len(LABELS))  # every slice at or above: all positive
+    checkpoint["state_dict"]["temperature"] = torch.tensor(1e6)  # every probability 0.5
+    torch.save(checkpoint, copy)
+    edited = evaluate(copy, tmp_path / "edited")
+    assert edited["test/op_threshold"] == 0.0 and edited["test/op_sensitivity"] == 1.0 and edited["test/op_specificity"] == 0.0
+    probs = pd.read_csv(tmp_path / "edited" / "predictions.csv")[[f"prob_{label}" for label in LABELS]].to_numpy()
+    assert probs == pytest.approx(0.5, abs=1e-5)
+
+
 def test_figures_are_drawn(evaluation):
-    for name in ("confusion_matrix.png", "roc.png"):
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png"):
         image = matplotlib.image.imread(evaluation[0] / name)
         assert image.shape[0] > 400 and image.shape[1] > 400, name
         assert image[..., :3].std() > 0.05, f"{name} is blank"

@@ -57,7 +57,7 @@ def config_node(group, name):
 EXPECTED_METRICS = {
     "binary": ["val/acc", "val/auroc", "val/sensitivity", "val/specificity", "val/precision", "val/f1"],
     "subtype": ["val/acc", "val/auroc", "val/auroc_epidural", "val/sensitivity_subdural", "val/f1_subarachnoid"],
-    "multilabel": ["val/acc", "val/auroc", "val/logloss", "val/sensitivity_epidural", "val/acc_any"],
+    "multilabel": ["val/acc", "val/auroc", "val/logloss_weighted", "val/sensitivity_epidural", "val/acc_any"],
 }
 
 
@@ -67,7 +67,7 @@ def test_training_logs_loss_and_metrics_under_stage_names(task):
     trainer = fit(module)
     logged = set(trainer.callback_metrics)
     assert {"train/loss", "val/loss", "val/auroc_best", "train/auroc", *EXPECTED_METRICS[task]} <= logged
-    assert ("val/logloss" in logged) == (task == "multilabel")
+    assert ("val/logloss_weighted" in logged) == (task == "multilabel")
     assert ("val/auroc_any" in logged) == (task == "multilabel")  # per class only with several outputs
     test_metrics = trainer.test(module, toy_loader(task), verbose=False)[0]
     assert {"test/loss", "test/auroc", "test/sensitivity"} <= set(test_metrics)
@@ -215,6 +215,29 @@ def test_rsna_weighted_loss_is_the_challenge_metric():
     metric = RSNALogLoss()
     metric.update(logits.sigmoid(), target)
     assert torch.isclose(module.criterion(logits, target), metric.compute(), atol=1e-5)
+
+
+@pytest.mark.parametrize("operating_point, threshold", [("sensitivity", 0.25), ("youden", 0.75)])
+def test_operating_point_is_chosen_on_calibrated_validation_probabilities(operating_point, threshold):
+    """Logit 4 with 3 positives in 4 and logit -4 with 1 in 4: temperature 4 / ln 3 turns them into 0.75 and 0.25.
+    Sensitivity 0.95 needs all four positives (threshold 0.25); Youden's J is 0.5 at 0.75 and 0 at 0.25."""
+    module = tiny(operating_point=operating_point, target_sensitivity=0.95, calibrate=True)
+    logits = torch.tensor([4.0] * 4 + [-4.0] * 4)[:, None]
+    targets = torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 1])[:, None]
+    module.choose_operating_point(logits, targets)
+    assert module.temperature.item() == pytest.approx(4 / math.log(3), rel=1e-5)
+    assert module.probabilities(logits)[:2, 0].tolist() == pytest.approx([0.75, 0.75], abs=1e-6)
+    assert module.op_thresholds.tolist() == pytest.approx([threshold], abs=1e-6)
+    state = module.state_dict()  # buffers: they travel in every checkpoint
+    assert state["op_thresholds"].tolist() == pytest.approx([threshold], abs=1e-6)
+    assert state["temperature"].item() == pytest.approx(4 / math.log(3), rel=1e-5)
+
+
+def test_an_unknown_operating_point_is_refused_before_training():
+    with pytest.raises(ValueError, match="task.operating_point=best: choose one of sensitivity, youden"):
+        tiny(operating_point="best")
+    with pytest.raises(ValueError, match=r"task.target_sensitivity=95 is a fraction of positives"):
+        tiny(target_sensitivity=95)
 
 
 def test_rsna_logloss_matches_a_hand_computation():

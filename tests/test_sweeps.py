@@ -36,6 +36,7 @@ def test_multirun_gives_each_job_its_folder_metrics_and_wandb_run_and_report_ran
     jobs = [sweep / "0", sweep / "1"]
     metrics = [json.loads((job / "metrics.json").read_text()) for job in jobs]
     assert all("val/auroc_best" in m for m in metrics)
+    assert "val/loss_best" in metrics[0] and "val/logloss_weighted_best" in metrics[1]  # each task's optimized_metric
 
     # each job its own W&B run, grouped by the sweep folder, named by what it changed
     runs = [of_type(wandb_records(next((job / "wandb").glob("offline-run-*"))), "run")[0] for job in jobs]
@@ -47,8 +48,8 @@ def test_multirun_gives_each_job_its_folder_metrics_and_wandb_run_and_report_ran
     assert report.returncode == 0, report.stderr
     table = pd.read_csv(sweep / "summary.csv")
     assert set(table["run"]) == {"task=binary", "task=multilabel"}  # the overrides both jobs share are left out
-    values = [m["val/auroc_best"] if m["val/auroc_best"] is not None else -math.inf for m in metrics]
-    assert table["run"][0] == ["task=binary", "task=multilabel"][values.index(max(values))]
+    # ranked by the first job's optimized_metric, val/loss_best, lowest first: the multilabel job has none, so comes last
+    assert list(table["run"]) == ["task=binary", "task=multilabel"]
     assert "| task=" in (sweep / "summary.md").read_text()
     assert (sweep / "summary.png").stat().st_size > 5_000
 
@@ -70,7 +71,7 @@ def test_optuna_study_scores_a_failing_trial_worst_and_continues_in_the_same_fol
     assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     backbones = [t.params.get("model.backbone") or t.user_attrs["model.backbone"] for t in trials]  # sampled or fixed
     assert backbones == ["test_resnet", "no_such_net", "no_such_net"]
-    assert [t.value for t in trials[1:]] == [-math.inf, -math.inf]
+    assert [t.value for t in trials[1:]] == [math.inf, math.inf]  # the worst for a minimised loss
     assert math.isfinite(trials[0].value) and study.best_value == trials[0].value
     assert "Unknown backbone 'no_such_net'" in first.stderr + first.stdout  # logged with the trial's overrides
 

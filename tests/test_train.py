@@ -5,13 +5,18 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from torch.utils.data import DataLoader
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
 from ich.module import ICHLitModule
-from ich.train import run
+from ich.train import build_trainer, run
 
 ROOT = CONFIG_DIR.parent
 COMMON_METRICS = ("acc", "sensitivity", "specificity", "precision", "f1", "auroc")
@@ -34,7 +39,7 @@ def test_design_example_composes_and_builds(cache_dir, tmp_path):
     cfg, metrics = train(tmp_path, "model=densenet121", "task=multilabel", "debug=fdr")
     assert cfg.model.backbone == "densenet121"
     # one batch may lack a class, which leaves AUROC undefined; the thresholded metrics always exist
-    assert {"test/acc", "test/sensitivity", "test/specificity", "test/logloss"} <= set(metrics)
+    assert {"test/acc", "test/sensitivity", "test/specificity", "test/logloss_weighted"} <= set(metrics)
 
 
 @pytest.mark.parametrize(
@@ -46,12 +51,88 @@ def test_each_task_trains_and_reports_its_metrics(cache_dir, tmp_path, task, per
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) == set(metrics)
     assert {f"test/{m}" for m in COMMON_METRICS} <= set(written)
-    assert "val/auroc_best" in written
+    assert "val/auroc_best" in written and cfg_of(task).optimized_metric in written
     if per_class:
         assert any(name.startswith(per_class.rsplit("_", 1)[0] + "_") for name in written)
     if task == "multilabel":
-        assert "test/logloss" in written
+        assert "test/logloss_weighted" in written
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def cfg_of(task):
+    return compose_config("train", [f"task={task}", "output_dir=unused"])
+
+
+def test_models_are_selected_on_a_validation_loss_by_default():
+    """The checkpoint, early stopping and the sweep objective: val/loss, and for six labels the RSNA metric."""
+    for task, monitor in (("binary", "val/loss"), ("subtype", "val/loss"), ("multilabel", "val/logloss_weighted")):
+        cfg = cfg_of(task)
+        callbacks = cfg.callbacks
+        assert callbacks.model_checkpoint.monitor == callbacks.early_stopping.monitor == monitor
+        assert callbacks.model_checkpoint.mode == callbacks.early_stopping.mode == "min"
+        assert cfg.optimized_metric == f"{monitor}_best"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert sweep.optimized_metric == "val/loss_best" and sweep.hydra.sweeper.direction == "minimize"
+
+
+class SaturatingAUROC(pl.LightningModule):
+    """Logs scripted validation values: AUROC reaches 1.0 at epoch 1 and stays there, the loss keeps falling."""
+
+    AUROC = (0.9, 1.0, 1.0, 1.0, 1.0, 1.0)
+    LOSS = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.LOSS[self.current_epoch])
+        self.log("val/auroc", self.AUROC[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(torch.zeros(2, 1), batch_size=2)
+
+    def val_dataloader(self):
+        return DataLoader(torch.zeros(2, 1), batch_size=2)
+
+
+def test_selection_on_the_loss_does_not_stop_at_the_first_saturated_epoch(tmp_path):
+    """On easy data AUROC hits 1.0 early; selecting on it would keep epoch 1 and stop three epochs later."""
+    cfg = compose_config("train", [*FAST_RUN, "trainer.max_epochs=6", f"output_dir={tmp_path}"])
+    trainer = build_trainer(cfg)
+    trainer.fit(SaturatingAUROC())
+    assert trainer.current_epoch == 6  # all six epochs: the loss improved every time
+    assert trainer.checkpoint_callback.best_model_score.item() == pytest.approx(0.1)
+    assert trainer.checkpoint_callback.best_model_path.endswith("epoch005.ckpt")
+
+
+def test_thresholds_chosen_on_validation_reach_the_target_sensitivity_there(cache_dir, tmp_path):
+    # float32, as the probabilities below are computed (the run chooses at its own precision)
+    cfg, metrics = train(tmp_path, "task.target_sensitivity=0.95", "trainer.precision=32-true")
+    from ich.data.datamodule import ICHDataModule
+
+    checkpoint = next((tmp_path / "checkpoints").glob("epoch*.ckpt"))
+    model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    datamodule = ICHDataModule.from_config(cfg)
+    datamodule.setup()
+    with torch.no_grad():
+        batches = [(model.probabilities(model(b["image"]))[:, 0], b["target"][:, 0]) for b in datamodule.val_dataloader()]
+    probs, truth = (torch.cat(parts).numpy() for parts in zip(*batches))
+    threshold = float(model.op_thresholds[0])
+    positives = probs[truth == 1]
+    assert len(positives) and threshold != cfg.task.threshold
+    assert (positives >= threshold).mean() >= 0.95
+    # and it is the most specific such threshold: any higher one misses the target
+    assert (positives >= np.nextafter(np.float32(threshold), np.float32(1))).mean() < 0.95
+    assert metrics["test/op_threshold"] == pytest.approx(threshold)
 
 
 def test_checkpoint_reloads_alone_and_predicts_the_same(cache_dir, tmp_path):
