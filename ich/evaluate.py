@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ich.data.datamodule import ICHDataModule
 from ich.data.windows import parse_windows
+from ich.html_report import write_evaluation_report
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule, predict_logits
 from ich.operating import honest_metrics, slice_groups
@@ -91,6 +92,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     table.to_csv(output_dir / "predictions.csv", index=False)
     save_figures(output_dir, task, float(model.hparams.threshold), probs, targets)
     save_reliability_diagram(output_dir / "reliability.png", task, logits, targets, temperature)
+    write_evaluation_report(output_dir / "report.html", title=f"{task.name} / {model.hparams.backbone}: evaluation",
+                            checkpoint=checkpoint, data=f"{data['source']} {data.get('root') or ''}".strip(),
+                            model=model, datamodule=datamodule, metrics=metrics, predictions=table)
 
     if test_dir is not None:
         write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)

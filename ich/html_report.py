@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve, binary_roc
 
-from ich.operating import auroc, calibration_bins, expected_calibration_error, sensitivity_specificity
+from ich.operating import HEADLINE_LABEL, auroc, calibration_bins, expected_calibration_error, sensitivity_specificity
 from ich.plots import confusion_counts, draw_confusion
 from ich.results import write_atomic
 
@@ -482,3 +482,23 @@ def _figure(figure: Figure, alt: str) -> str:
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | Path, data: str, model, datamodule,
+                            metrics: Mapping[str, float | None], predictions: pd.DataFrame, tiles_per_case: int = 8) -> Path:
+    """report.html of a tested checkpoint: the model's thresholds (the operating point) and, as tiles, the
+    worst false negatives and false positives of the headline output, read from the data module's test
+    split (the labelled slice itself, first window)."""
+    outputs = model.task.outputs
+    thresholds = dict(zip(outputs, model.op_thresholds.cpu().tolist()))
+    headline = HEADLINE_LABEL if HEADLINE_LABEL in outputs else outputs[0]
+    test = datamodule.datasets["test"]
+    row_of = {image_id.decode(): i for i, image_id in enumerate(test.image_ids)}
+    centre = test.stacks.shape[1] // 2  # the labelled slice, not its context neighbours
+    cases = worst_cases(predictions, headline, thresholds[headline], k=tiles_per_case)
+    tiles = {heading: [(test.loader(int(test.stacks[row_of[image_id], centre]))[0], caption) for image_id, caption in rows]
+             for heading, rows in cases.items()}
+    skipped = ", ".join(f"{reason}: {count}" for reason, count in datamodule.summary.get("skipped", {}).items()) or "none"
+    return write_report(path, title=title, about={"checkpoint": str(checkpoint), "data": data, "skipped": skipped},
+                        metrics=metrics, predictions=predictions, outputs=outputs, thresholds=thresholds,
+                        fixed_threshold=float(model.hparams.threshold), tiles=tiles)

@@ -21,7 +21,7 @@ from ich.tasks import LABELS, SUBTYPES
 from ich.train import run as train
 
 ROOT = CONFIG_DIR.parent
-FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png")
+FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png", "report.html")
 
 
 def train_run(path, cache_dir, *overrides):
@@ -289,3 +289,13 @@ def test_command_without_checkpoint_gives_one_sentence_not_a_traceback(tmp_path)
     assert result.returncode != 0
     assert "Evaluation needs a checkpoint: pass ckpt_path=PATH" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_report_shows_the_operating_point_and_tiles_without_identifiers(evaluation):
+    """report.html: self-contained, the checkpoint's operating point, worst cases as images, no ids."""
+    output_dir, _ = evaluation
+    page = (output_dir / "report.html").read_text()
+    predictions = pd.read_csv(output_dir / "predictions.csv")
+    assert "http://" not in page and "https://" not in page
+    assert "operating point" in page and page.count("data:image/png;base64,") >= 4
+    assert not any(value in page for value in [*predictions["image_id"], *predictions["patient"].astype(str)])
