@@ -13,13 +13,10 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")  # files only
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from ich.html_report import summary_figure, write_summary
 
 DEFAULT_METRIC = "val/loss_best"
 # The columns of the markdown table after the optimised metric (the CSV has every metric).
@@ -97,12 +94,18 @@ def summarize(sweep_dir: Path, metric: str | None = None) -> pd.DataFrame:
     table.to_csv(sweep_dir / "summary.csv", index=False)
     (sweep_dir / "summary.md").write_text(markdown(table, metric))
     save_bar_chart(sweep_dir / "summary.png", table, metric)
+    write_summary(sweep_dir / "summary.html", table[shown_columns(table, metric)], metric, title=markdown(table, metric).splitlines()[0].lstrip("# "))
     return table
+
+
+def shown_columns(table: pd.DataFrame, metric: str) -> list[str]:
+    """The columns summary.md and summary.html show: the job's name, the sort metric, the main metrics."""
+    return ["run", metric, *(c for c in SHOWN if c in table and c != metric), "status", "job"]
 
 
 def markdown(table: pd.DataFrame, metric: str) -> str:
     """A GitHub table of the main metrics, best first; '-' where a metric is undefined or the job failed."""
-    columns = ["run", metric, *(c for c in SHOWN if c in table and c != metric), "status", "job"]
+    columns = shown_columns(table, metric)
     better = "higher" if higher_is_better(metric) else "lower"
     lines = [
         f"# Sweep summary: {len(table)} jobs, sorted by {metric} ({better} is better)",
@@ -122,22 +125,8 @@ def _cell(value) -> str:
 
 
 def save_bar_chart(path: Path, table: pd.DataFrame, metric: str) -> None:
-    """Horizontal bars of the metric per job, best at the top; jobs without a value are left out."""
-    scored = table[table[metric].notna()]
-    label_width = 0.07 * max((len(name) for name in scored["run"]), default=10)
-    fig, ax = plt.subplots(figsize=(5 + label_width, 1.2 + 0.4 * max(len(scored), 1)))
-    ax.barh(range(len(scored)), scored[metric], color="C0")
-    ax.set_yticks(range(len(scored)), scored["run"], fontsize=8)
-    ax.invert_yaxis()  # the first (best) row on top
-    for y, value in enumerate(scored[metric]):
-        ax.text(value, y, f" {value:.4f}", va="center", fontsize=8)
-    ax.set_xlabel(metric)
-    left_out = len(table) - len(scored)
-    ax.set_title(f"{metric} per job" + (f" ({left_out} without a value not shown)" if left_out else ""))
-    ax.margins(x=0.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Horizontal bars of the metric per job, best at the top (the chart summary.html shows)."""
+    summary_figure(table, metric).savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,8 @@ def test_multirun_gives_each_job_its_folder_metrics_and_wandb_run_and_report_ran
     assert list(table["run"]) == ["task=binary", "task=multilabel"]
     assert "| task=" in (sweep / "summary.md").read_text()
     assert (sweep / "summary.png").stat().st_size > 5_000
+    page = (sweep / "summary.html").read_text()
+    assert "task=binary" in page and "task=multilabel" in page and "data:image/png;base64," in page
 
 
 @pytest.mark.slow
