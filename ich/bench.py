@@ -350,7 +350,7 @@ def ich_vs_plain(datamodule: ICHDataModule, args: argparse.Namespace, precision:
         plain_step(step)
     plain_rate = steps * batch / (time.perf_counter() - start)
     return {"ich_images_per_s": round(ich_rate, 2), "plain_images_per_s": round(plain_rate, 2),
-            "ratio": round(ich_rate / plain_rate, 3), "workers": resolve_workers(datamodule.num_workers),
+            "ratio": round(ich_rate / plain_rate, 3), "workers": resolve_workers(datamodule.num_workers, on_cpu=True),
             "threads": torch.get_num_threads(), "steps": steps, "batch_size": batch, "precision": precision,
             "channels_last": channels_last, "backbone": args.backbone, "size": datamodule.image_size}
 
