@@ -23,10 +23,11 @@ from pytorch_lightning.loggers import WandbLogger
 from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
 from ich.hardware import resolve_trainer
+from ich.html_report import write_evaluation_report
 from ich.module import ICHLitModule, predict_logits
 from ich.operating import honest_metrics, slice_groups
 from ich.plots import save_reliability_diagram
-from ich.results import print_metrics, write_atomic, write_json
+from ich.results import predictions_table, print_metrics, write_atomic, write_json
 from ich.runs import resume_checkpoint, training_run_dir
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _train_and_test(
         (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update(_numbers(results))
         if predictor is not None:
-            metrics.update(operating_point_metrics(cfg, predictor, model, datamodule))
+            metrics.update(operating_point_metrics(cfg, predictor, model, datamodule, metrics, best or "last weights"))
     for stage, count in datamodule.summary["slices"].items():
         metrics[f"data/slices_{stage}"] = float(count)
     undefined = sorted(k for k, v in metrics.items() if math.isnan(v))
@@ -274,15 +275,23 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
 
 
 def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLitModule,
-                          datamodule: ICHDataModule) -> dict[str, float]:
+                            datamodule: ICHDataModule, tested: dict[str, float], checkpoint: str) -> dict[str, float]:
     """The tested model's operating points, patient-level intervals, calibration and exam level on the test
-    split (ich.operating.honest_metrics, as evaluate.py reports them), and reliability.png in the run folder."""
+    split (ich.operating.honest_metrics, as evaluate.py reports them); reliability.png and report.html (with
+    the `tested` metrics of the test stage) in the run folder."""
     ids, logits, targets = predict_logits(predictor, model, datamodule.loader(datamodule.datasets["test"]))
     patients, studies = slice_groups(datamodule.tables["test"], ids)
     temperature = float(model.temperature)
-    save_reliability_diagram(Path(cfg.output_dir) / "reliability.png", model.task, logits, targets, temperature)
-    return honest_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
-                          studies, resamples=int(cfg.bootstrap), seed=int(cfg.seed))
+    output_dir = Path(cfg.output_dir)
+    save_reliability_diagram(output_dir / "reliability.png", model.task, logits, targets, temperature)
+    honest = honest_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
+                            studies, resamples=int(cfg.bootstrap), seed=int(cfg.seed))
+    table = predictions_table(model.task, ids, datamodule.tables["test"].set_index("image_id")["patient"],
+                              model.probabilities(logits), targets)
+    write_evaluation_report(output_dir / "report.html", title=f"{model.task.name} / {model.hparams.backbone}: test stage",
+                            checkpoint=checkpoint, data=f"{cfg.data.source} {cfg.data.get('root') or ''}".strip(),
+                            model=model, datamodule=datamodule, metrics={**tested, **honest}, predictions=table)
+    return honest
 
 
 def _finish_wandb(trainer: pl.Trainer, exit_code: int) -> None:

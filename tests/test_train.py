@@ -51,6 +51,7 @@ def test_each_task_trains_and_reports_its_metrics(cache_dir, tmp_path, task, per
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) == set(metrics)
     assert {f"test/{m}" for m in COMMON_METRICS} <= set(written)
+    assert "at the operating point" in (tmp_path / "report.html").read_text()  # the test stage's report
     assert "val/auroc_best" in written and cfg_of(task).optimized_metric in written
     if per_class:
         assert any(name.startswith(per_class.rsplit("_", 1)[0] + "_") for name in written)
