@@ -142,7 +142,6 @@ class ICHLitModule(pl.LightningModule):
         """The task's softmax or sigmoids of the logits at the model's temperature (1 unless calibrated)."""
         return probabilities(self.task, logits, self.temperature.to(logits.device))
 
-    @torch.no_grad()
     def choose_operating_point(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Fit the temperature (with `calibrate`), then choose one threshold per output, on validation logits
         [N, K] and targets; both are kept in buffers."""

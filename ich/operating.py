@@ -233,6 +233,7 @@ def honest_metrics(
     `auroc_ci_low`/`auroc_ci_high` around `test/auroc` (the macro mean over outputs). Keys of one output end in
     `_<label>` when the task has several; the unsuffixed keys are the binary output's or `any`'s, which also gets
     the exam-level `exam_auroc`, `exam_op_sensitivity` and `exam_op_specificity` (an exam is a study).
+    `data/patients_test` and `data/exams_test` count what the intervals and the exam level stand on.
 
     Args:
         logits: [N, K] test logits; targets: as the task's loss takes them.
