@@ -255,7 +255,8 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
     """Temperature and thresholds of the best checkpoint and of last.ckpt, each chosen on its own validation
     predictions (ICHLitModule.choose_operating_point) and written into its file: a .ckpt alone carries them.
 
-    Without checkpoint files (fast_dev_run) the model in memory gets them.
+    Lightning writes last.ckpt when it writes a best one, so the two often hold the same step: then they are
+    chosen once. Without checkpoint files (fast_dev_run) the model in memory gets them.
     """
     selection = trainer.checkpoint_callback
     paths = {Path(p) for p in (selection.best_model_path, selection.last_model_path) if p} if selection else set()
@@ -264,13 +265,16 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
         _, logits, targets = predict_logits(predictor, model, loader)
         model.choose_operating_point(logits, targets)
         return
+    chosen_at: dict[int, dict[str, torch.Tensor]] = {}  # global step -> the buffers chosen for its weights
     for path in sorted(paths):
-        chosen = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-        _, logits, targets = predict_logits(predictor, chosen, loader)
-        chosen.choose_operating_point(logits, targets)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        for name in ("op_thresholds", "temperature"):
-            checkpoint["state_dict"][name] = getattr(chosen, name).detach().cpu()
+        step = checkpoint["global_step"]
+        if step not in chosen_at:
+            chosen = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            _, logits, targets = predict_logits(predictor, chosen, loader)
+            chosen.choose_operating_point(logits, targets)
+            chosen_at[step] = {name: getattr(chosen, name).detach().cpu() for name in ("op_thresholds", "temperature")}
+        checkpoint["state_dict"].update(chosen_at[step])
         write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

@@ -134,6 +134,8 @@ def test_thresholds_chosen_on_validation_reach_the_target_sensitivity_there(cach
     # and it is the most specific such threshold: any higher one misses the target
     assert (positives >= np.nextafter(np.float32(threshold), np.float32(1))).mean() < 0.95
     assert metrics["test/op_threshold"] == pytest.approx(threshold)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]  # resumes carry them too
+    assert torch.equal(last["op_thresholds"], model.op_thresholds) and torch.equal(last["temperature"], model.temperature)
 
 
 def test_checkpoint_reloads_alone_and_predicts_the_same(cache_dir, tmp_path):
