@@ -22,8 +22,8 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve, binary_roc
 
-from ich.operating import HEADLINE_LABEL, auroc, calibration_bins, expected_calibration_error, sensitivity_specificity
-from ich.plots import confusion_counts, draw_confusion
+from ich.operating import HEADLINE_LABEL, auroc, sensitivity_specificity
+from ich.plots import confusion_counts, draw_confusion, draw_reliability
 from ich.results import write_atomic
 
 DPI = 110  # as the PNG files of ich.plots
@@ -304,20 +304,9 @@ def _curve_figure(name: str, truth: np.ndarray, probs: np.ndarray, point: float,
 def _calibration_section(predictions: pd.DataFrame, outputs: Sequence[str]) -> str:
     figure = Figure(figsize=(5.6, 5.2), layout="constrained")
     ax = figure.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
-    for k, name in enumerate(outputs):
-        truth, probs = output_truth(predictions, name), predictions[f"prob_{name}"].to_numpy()
-        mean_prob, frequency, _ = calibration_bins(probs, truth)
-        ax.plot(mean_prob, frequency, marker="o", markersize=4, color=f"C{k}",
-                label=f"{name} (ECE {expected_calibration_error(probs, truth):.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_aspect("equal")
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed frequency")
+    draw_reliability(ax, [(name, predictions[f"prob_{name}"].to_numpy(), output_truth(predictions, name), "-", k)
+                          for k, name in enumerate(outputs)])
     ax.set_title("Reliability (10 equal-mass bins)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
     note = (f"The slices sorted by probability, cut into 10 bins of about {len(predictions) / 10:.0f} each: a "
             "calibrated model's points lie on the diagonal; below it, the model is over-confident.")
     return _section("calibration", "Calibration", _figure(figure, "reliability diagram"), note)

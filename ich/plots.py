@@ -123,23 +123,30 @@ def save_reliability_diagram(path: Path, task: Task, logits: torch.Tensor, targe
     output, its ECE in the legend; dotted, the same before temperature scaling when the temperature is not 1."""
     truth = one_vs_rest(task, targets.numpy())
     fig, ax = plt.subplots(figsize=(6.5, 6.0))
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
     shown = [(temperature, "-", "")] + ([(1.0, ":", " before scaling")] if temperature != 1 else [])
+    curves = []
     for scale, style, note in shown:
         probs = probabilities(task, logits.float(), scale).numpy()
-        for k, name in enumerate(task.outputs):
-            mean_prob, frequency, _ = calibration_bins(probs[:, k], truth[:, k])
-            ece = expected_calibration_error(probs[:, k], truth[:, k])
-            ax.plot(mean_prob, frequency, style, marker="o", markersize=3, color=f"C{k}",
-                    label=f"{name}{note} (ECE {ece:.3f})")
+        curves += [(f"{name}{note}", probs[:, k], truth[:, k], style, k) for k, name in enumerate(task.outputs)]
+    draw_reliability(ax, curves)
+    ax.set_title("Reliability" + (f" (temperature {temperature:.3g})" if temperature != 1 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_reliability(ax, curves: list[tuple[str, np.ndarray, np.ndarray, str, int]]) -> None:
+    """A reliability diagram on `ax`: the diagonal, and per (label, probabilities, 0/1 truth, line style, colour
+    index) the observed frequency against the mean probability of equal-mass bins, its ECE in the legend."""
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    for label, probs, truth, style, colour in curves:
+        mean_prob, frequency, _ = calibration_bins(probs, truth)
+        ax.plot(mean_prob, frequency, style, marker="o", markersize=3, color=f"C{colour}",
+                label=f"{label} (ECE {expected_calibration_error(probs, truth):.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("mean predicted probability (equal-mass bins)")
     ax.set_ylabel("observed frequency")
-    ax.set_title("Reliability" + (f" (temperature {temperature:.3g})" if temperature != 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
