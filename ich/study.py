@@ -1,0 +1,301 @@
+"""A hospital export as studies and series: which series a study is read on, and why the others are not.
+
+A folder from a PACS is not Kaggle's flat folder of axial slices (see DOMAIN.md, "From slices to a study"):
+nested patient/study/series folders, files without `.dcm`, a DICOMDIR, scouts, bone-kernel and thin
+reconstructions, coronal reformats, dose reports and screenshots. Only headers are read here (no pixels), every
+file lands in a study and series or in a counted, listed reason, and nothing here is fatal.
+
+Per file, in this order (the first that applies is its reason): `dicomdir`, `not_dicom` (no DICOM at all),
+`no_preamble` (a raw dataset, not a DICOM file), `unreadable` (a header that does not parse, or one without
+Study/Series Instance UID: truncated), then the reader's own reasons `no_pixel_data` (structured and dose
+reports), `not_monochrome` (RGB screenshots), `multi_frame`, `not_ct`, and `localizer` (ImageType LOCALIZER),
+`no_position` (no ImagePositionPatient/ImageOrientationPatient, so no order), `not_axial` (a reformat),
+`duplicate` (a SOP Instance UID seen before). A series keeps its usable files; one left with fewer than
+`min_slices` is skipped as `too_few_slices`.
+"""
+
+import math
+import statistics
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pydicom
+from pydicom import config
+from pydicom.dataset import Dataset
+from tqdm.auto import tqdm
+
+from ich.data.dicom import first_float, slice_position, tag_value
+from ich.privacy import pseudonym
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+# An axial slice's normal points along the patient's z axis; a gantry tilt turns it by up to ~30 degrees, a
+# coronal or sagittal reformat by 90. Slices whose normal is more than 35 degrees off z are no axial series.
+AXIAL_MIN_COSINE = math.cos(math.radians(35))
+PREFERRED_THICKNESS_MM = 5.0  # the thick series radiologists read head CT on, and RSNA's slices
+# Reconstruction kernels for bone, lung and edges: the soft-tissue series shows blood, these show fractures.
+SHARP_KERNEL_WORDS = ("BONE", "LUNG", "SHARP", "EDGE", "DETAIL", "HIGH")
+SHARP_KERNEL_NUMBER = 60  # Siemens names kernels by sharpness: H31s, Hr38 soft; H60s, H70h, Br64 bone
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One file's header values that grouping, ordering and choosing a series need, and its reason to be skipped
+    ("" when it is a usable axial CT slice)."""
+
+    path: Path
+    reason: str = ""
+    detail: str = ""  # why, in a sentence without the file's path
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    instance_uid: str = ""
+    accession: str = ""
+    series_number: str = ""
+    position: float = math.nan  # mm along the slice normal (ich.data.dicom.slice_position)
+    thickness: float = math.nan  # SliceThickness, mm
+    kernel: str = ""  # ConvolutionKernel, its values joined by "/"
+
+
+@dataclass
+class Series:
+    """One series of a study: its usable slices in position order, or the reason it is skipped."""
+
+    key: str  # pseudonym of the SeriesInstanceUID
+    number: str  # SeriesNumber as stored ("" if missing): how a radiologist finds it, no identifier
+    slices: list[ImageFile]  # the usable files, ordered by position along the slice normal
+    left_out: list[ImageFile] = field(default_factory=list)  # its files that are not used, each with its reason
+    reason: str = ""  # why the whole series is skipped; "" when it is predicted
+
+    @property
+    def skipped(self) -> Counter:
+        """reason -> how many of its files were left out."""
+        return Counter(image.reason for image in self.left_out)
+
+    @property
+    def thickness(self) -> float:
+        """SliceThickness (the median over slices), or the median spacing of the positions when it is missing."""
+        stored = [image.thickness for image in self.slices if not math.isnan(image.thickness)]
+        if stored:
+            return float(statistics.median(stored))
+        steps = [b.position - a.position for a, b in zip(self.slices, self.slices[1:])]
+        return float(statistics.median(steps)) if steps else math.nan
+
+    @property
+    def kernel(self) -> str:
+        return self.slices[0].kernel if self.slices else ""
+
+    @property
+    def sharp(self) -> bool:
+        """A bone, lung or edge-enhancing kernel: the series of the same scan for fractures, not for blood."""
+        return sharp_kernel(self.kernel)
+
+    def describe(self) -> str:
+        """`series 3: 40 slices, 5 mm, kernel H31s`, the words a radiologist finds it by in a viewer."""
+        name = f"series {self.number}" if self.number else "series (no number)"
+        if not self.slices:
+            return name
+        thickness = "" if math.isnan(self.thickness) else f", {self.thickness:g} mm"
+        kernel = f", kernel {self.kernel}" if self.kernel else ""
+        return f"{name}: {len(self.slices)} slices{thickness}{kernel}"
+
+
+@dataclass
+class Study:
+    """One study of the folder, its series (predicted or skipped) and who and what it is, privately."""
+
+    key: str  # pseudonym of the StudyInstanceUID: what outputs carry by default
+    uid: str  # StudyInstanceUID: only written with keep_ids=true
+    accession: str  # AccessionNumber: only written with keep_ids=true
+    patient: str  # pseudonym of the PatientID
+    series: list[Series]
+
+    @property
+    def eligible(self) -> list[Series]:
+        return [series for series in self.series if not series.reason]
+
+
+@dataclass
+class Scan:
+    """What a folder holds: its studies, and the files that belong to none (not DICOM, unreadable, DICOMDIR)."""
+
+    root: Path
+    files: int
+    studies: list[Study]
+    loose: list[ImageFile]  # files that name no study, each with its reason
+
+
+def sharp_kernel(kernel: str) -> bool:
+    name = kernel.upper()
+    if any(word in name for word in SHARP_KERNEL_WORDS):
+        return True
+    digits = "".join(character if character.isdigit() else " " for character in name).split()
+    return bool(digits) and name[:1].isalpha() and int(digits[0]) >= SHARP_KERNEL_NUMBER
+
+
+def choice_key(series: Series) -> tuple:
+    """The rule that picks a study's series, lowest first: a soft-tissue kernel before a sharp one, then the
+    thickness closest to 5 mm (the thick series the model's 5 mm training slices resemble), then the most slices,
+    then the series number. The other eligible series are predicted too and listed beside it."""
+    thickness = series.thickness
+    off = abs(thickness - PREFERRED_THICKNESS_MM) if not math.isnan(thickness) else math.inf
+    return series.sharp, round(off, 2), -len(series.slices), _number_order(series.number), series.key
+
+
+@contextmanager
+def input_folder(path: str | Path) -> Iterator[Path]:
+    """The folder to scan: `path` itself, or a .zip of one unpacked into a temporary folder for as long as the
+    caller reads its files."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        yield path
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"input={path} does not exist: pass a folder of DICOM files or a .zip of one.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"input={path} is neither a folder nor a .zip archive: pass a folder of DICOM files or a .zip of one.")
+    with tempfile.TemporaryDirectory(prefix="ich-predict-") as folder, zipfile.ZipFile(path) as archive:
+        archive.extractall(folder)  # zipfile drops absolute paths and `..`, so nothing lands outside
+        yield Path(folder)
+
+
+def scan_folder(root: Path, min_slices: int) -> Scan:
+    """Read the header of every file under `root` (any depth, any name) and group them into studies and series."""
+    paths = sorted(path for path in root.rglob("*") if path.is_file())
+    images = [read_image_header(path) for path in tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0,
+                                                       disable=len(paths) < 500)]
+    loose = [image for image in images if not image.study_uid]
+    by_study: dict[str, list[ImageFile]] = {}
+    for image in images:
+        if image.study_uid:
+            by_study.setdefault(image.study_uid, []).append(image)
+    studies = [_study(uid, files, min_slices) for uid, files in by_study.items()]
+    return Scan(root=root, files=len(paths), studies=sorted(studies, key=lambda study: study.key), loose=loose)
+
+
+def _study(uid: str, files: list[ImageFile], min_slices: int) -> Study:
+    by_series: dict[str, list[ImageFile]] = {}
+    for image in files:
+        by_series.setdefault(image.series_uid, []).append(image)
+    series = [_series(series_uid, members, min_slices) for series_uid, members in by_series.items()]
+    series.sort(key=lambda s: (bool(s.reason), _number_order(s.number), s.key))
+    first = files[0]
+    return Study(key=pseudonym(uid), uid=uid, accession=first.accession, patient=pseudonym(first.patient_id),
+                 series=series)
+
+
+def _series(uid: str, files: list[ImageFile], min_slices: int) -> Series:
+    left_out = [image for image in files if image.reason]
+    usable, seen = [], set()
+    for image in files:
+        if image.reason:
+            continue
+        if image.instance_uid and image.instance_uid in seen:
+            left_out.append(replace(image, reason="duplicate", detail="a second copy of an instance already read"))
+            continue
+        seen.add(image.instance_uid)
+        usable.append(image)
+    usable.sort(key=lambda image: image.position)
+    number = next((image.series_number for image in files if image.series_number), "")
+    series = Series(key=pseudonym(uid), number=number, slices=usable, left_out=left_out)
+    if not usable:
+        series.reason = ", ".join(reason for reason, _ in series.skipped.most_common())
+    elif len(usable) < min_slices:
+        series.reason = "too_few_slices"
+    return series
+
+
+def _number_order(number: str) -> tuple[float, str]:
+    value = first_float(number)
+    return (value if not math.isnan(value) else math.inf), number
+
+
+# --- one file's header --------------------------------------------------------------------------------
+
+
+def read_image_header(path: Path) -> ImageFile:
+    """The header of one file, pixels left on disk; a file that is no usable axial CT slice gets its reason."""
+    if path.name.upper() == "DICOMDIR":
+        return ImageFile(path, "dicomdir", "the folder's DICOMDIR index, not an image")
+    try:
+        with path.open("rb") as file:
+            preamble = file.read(132)[128:] == b"DICM"
+    except OSError as err:
+        return ImageFile(path, "unreadable", f"cannot be opened ({err.strerror or type(err).__name__})")
+    try:
+        # RSNA-style `ID_...` UIDs fail value validation; the values are parsed here, as ich.data.dicom does
+        with config.disable_value_validation():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=not preamble)
+            return _classify(path, ds, preamble)
+    except Exception as err:  # a parser fed arbitrary bytes fails in many ways; each means the same here
+        if not preamble:
+            return ImageFile(path, "not_dicom", "not a DICOM file")
+        why = " ".join(str(err).replace(str(path), "the file").split())[:160] or type(err).__name__
+        return ImageFile(path, "unreadable", f"a header that cannot be parsed ({why})")
+
+
+def _classify(path: Path, ds: Dataset, preamble: bool) -> ImageFile:
+    meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if hasattr(ds, "file_meta") else ""
+    if meta_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return ImageFile(path, "dicomdir", "a DICOMDIR index, not an image")
+    study, series = str(ds.get("StudyInstanceUID", "")).strip(), str(ds.get("SeriesInstanceUID", "")).strip()
+    if not preamble:
+        if not study and "SOPClassUID" not in ds:
+            return ImageFile(path, "not_dicom", "not a DICOM file")
+        return ImageFile(path, "no_preamble", "a raw DICOM dataset without the DICM preamble: export it as DICOM "
+                                              "files (Part 10) to have it read")
+    if not study or not series:
+        # both are required in every image and report: a file without them is truncated or broken
+        return ImageFile(path, "unreadable", "no StudyInstanceUID or SeriesInstanceUID (a truncated or broken file)")
+    known = dict(
+        path=path, patient_id=str(ds.get("PatientID", "")), study_uid=study, series_uid=series,
+        instance_uid=str(ds.get("SOPInstanceUID", "")), accession=str(ds.get("AccessionNumber", "")),
+        series_number=str(ds.get("SeriesNumber", "") or ""),
+    )
+    reason, detail = _unusable(ds)
+    if reason:
+        return ImageFile(reason=reason, detail=detail, **known)
+    kernel = "/".join(str(value).strip() for value in _values(ds.get("ConvolutionKernel")))
+    return ImageFile(position=slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
+                     thickness=first_float(ds.get("SliceThickness")), kernel=kernel, **known)
+
+
+def _unusable(ds: Dataset) -> tuple[str, str]:
+    """(reason, detail) when the file is no axial CT slice to predict on, ("", "") when it is one."""
+    rows, columns = int(tag_value(ds, "Rows", 0) or 0), int(tag_value(ds, "Columns", 0) or 0)
+    modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: CT, as ich.data.dicom reads it
+    if rows <= 0 or columns <= 0:
+        return "no_pixel_data", f"no image (a {modality} object: a report, not a picture)"
+    samples = int(tag_value(ds, "SamplesPerPixel", 1) or 1)
+    photometric = str(tag_value(ds, "PhotometricInterpretation", "")).strip()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return "not_monochrome", f"a {photometric or 'colour'} image with {samples} samples per pixel (a screenshot)"
+    frames = int(first_float(tag_value(ds, "NumberOfFrames", 1) or 1))
+    if frames > 1:
+        return "multi_frame", f"{frames} frames in one file, not one CT slice"
+    if modality != "CT":
+        return "not_ct", f"a {modality} image, not CT"
+    image_type = [str(value).upper() for value in _values(ds.get("ImageType"))]
+    if "LOCALIZER" in image_type:
+        return "localizer", "a localizer (scout) image"
+    orientation, position = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+    if math.isnan(slice_position(position, orientation)):
+        return "no_position", "no ImagePositionPatient/ImageOrientationPatient, so no slice order"
+    # the z component of the unit slice normal: the position (0, 0, 1) projected on the normal
+    normal_z = slice_position((0.0, 0.0, 1.0), orientation)
+    if abs(normal_z) < AXIAL_MIN_COSINE:
+        tilt = math.degrees(math.acos(min(1.0, abs(normal_z))))
+        return "not_axial", f"slices {tilt:.0f} degrees off axial (a coronal or sagittal reformat)"
+    return "", ""
+
+
+def _values(value: object) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split("\\")
+    return list(value) if hasattr(value, "__iter__") else [value]
