@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -25,8 +26,9 @@ from ich.data.windows import parse_windows
 from ich.html_report import write_evaluation_report
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule, predict_logits
-from ich.operating import honest_metrics, slice_groups
+from ich.operating import auroc, exam_scores, honest_metrics, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.plots import save_figures, save_reliability_diagram
+from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
 from ich.runs import best_checkpoint, training_run_dir
 from ich.tasks import LABELS, Task
@@ -63,6 +65,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     check_inputs(inputs, data)
     label = task.outputs[0] if task.name == "binary" else None
     datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
+    if cfg.get("study_labels"):
+        return evaluate_studies(cfg, model, datamodule, output_dir)
     datamodule.prepare_data()
     datamodule.setup()
     if not len(datamodule.datasets["test"]):
@@ -70,14 +74,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if data["split_file"] is None:
         warn_if_seen_in_training(datamodule.tables["test"]["image_id"], run_dir / "split.csv")
 
-    trainer = pl.Trainer(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=str(output_dir),
-    )
+    trainer = prediction_trainer(cfg, output_dir)
     ids, logits, targets = predict_logits(trainer, model, datamodule.predict_dataloader())
     probs = model.probabilities(logits)  # at the checkpoint's temperature
 
@@ -103,6 +100,12 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
 
 
 # --- which checkpoint, which data ---------------------------------------------------------------------
+
+
+def prediction_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision`, logging and saving nothing."""
+    return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision, logger=False,
+                      enable_checkpointing=False, default_root_dir=str(output_dir))
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -243,3 +246,85 @@ def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
     clipped = probs.double().clamp(SUBMISSION_CLIP, 1 - SUBMISSION_CLIP).numpy()
     names = [f"{image_id}_{label}" for image_id in ids for label in LABELS]
     return pd.DataFrame({"ID": names, "Label": clipped.reshape(-1)})
+
+
+# --- study-level truth (CQ500) ---------------------------------------------------------------------
+
+
+def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path) -> dict[str, float]:
+    """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
+
+    Every slice under `study_images` is predicted; a study's score is its highest `any` probability
+    (ich.operating.exam_scores) and it is called positive at the checkpoint's operating threshold. Writes
+    metrics.json (exam AUROC, sensitivity and specificity with bootstrap intervals over studies) and studies.csv.
+    """
+    if not isinstance(model, ICHLitModule):
+        raise ValueError("study_labels tests the exam score of a slice model: pass a stage-1 checkpoint as ckpt_path.")
+    task = model.task
+    if "any" not in task.outputs:
+        raise ValueError(f"Study-level truth is about any hemorrhage, which this checkpoint ({task.name}: "
+                         f"{', '.join(task.outputs)}) does not predict: evaluate one trained on `any`.")
+    if not cfg.get("study_images"):
+        raise ValueError("study_labels needs study_images=DIR, the folder of those studies' DICOMs.")
+    images = Path(cfg.study_images).expanduser()
+    truth = read_study_labels(Path(cfg.study_labels).expanduser(), str(cfg.study_id), list(cfg.study_reads))
+    index = datamodule.folder_index(images)
+    study = study_of_slices(index, truth, images, str(cfg.study_id))
+
+    dataset = datamodule.folder_dataset(index, ids=np.arange(len(index)))  # file names repeat across series
+    ids, logits, _ = predict_logits(prediction_trainer(cfg, output_dir), model, datamodule.loader(dataset))
+    per_slice = study.to_numpy(dtype=object)[[int(i) for i in ids]]
+    probs = model.probabilities(logits)[:, task.outputs.index("any")].double().numpy()
+    labelled = pd.notna(per_slice)
+    exams = per_slice[labelled].astype(str)
+    scores, positive = exam_scores(probs[labelled], truth.loc[exams].to_numpy(), exams)
+    threshold = float(model.op_thresholds[task.outputs.index("any")])
+
+    def statistic(picked: np.ndarray) -> np.ndarray:
+        return np.array([auroc(scores[picked], positive[picked]),
+                         *sensitivity_specificity(scores[picked], positive[picked], threshold)])
+
+    values = statistic(np.arange(len(scores)))
+    low, high = patient_bootstrap(statistic, np.arange(len(scores)), int(cfg.bootstrap), int(cfg.seed))
+    metrics = {"test/exam_op_threshold": threshold, "data/slices_test": float(len(ids)),
+               "data/exams_test": float(len(scores)), "data/exams_positive": float(positive.sum()),
+               "data/exams_unmatched": float(len(set(truth.index) - set(exams))),
+               "data/exams_unlabelled": float(index.loc[study.isna(), "study"].nunique())}
+    for j, name in enumerate(("exam_auroc", "exam_op_sensitivity", "exam_op_specificity")):
+        metrics.update({f"test/{name}": values[j], f"test/{name}_ci_low": low[j], f"test/{name}_ci_high": high[j]})
+    write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
+    names = np.unique(exams)  # exam_scores' order
+    pd.DataFrame({"study": [pseudonym(name) for name in names], "truth": positive.astype(int), "score": scores,
+                  "positive": (scores >= threshold).astype(int)}).to_csv(output_dir / "studies.csv", index=False)
+    print_metrics(metrics, title=f"{task.name} on {len(scores)} studies of {images} -> {output_dir}")
+    return metrics
+
+
+def read_study_labels(path: Path, id_column: str, reads: list[str]) -> pd.Series:
+    """Study id -> 0/1 truth: positive when more than half of the `reads` columns say 1 (CQ500: two of three)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"study_labels={path} does not exist: pass the CSV of study-level truth (CQ500: reads.csv).")
+    table = pd.read_csv(path, dtype={id_column: str})
+    missing = [column for column in (id_column, *reads) if column not in table.columns]
+    if missing:
+        raise ValueError(f"{path} has no column {', '.join(missing)}: set study_id to its study column and study_reads "
+                         f"to its 0/1 read columns (present: {', '.join(table.columns[:12])}).")
+    values = table[reads].apply(pd.to_numeric, errors="coerce")
+    if not values.isin([0, 1]).all().all():
+        raise ValueError(f"{path}: the study_reads columns {reads} must hold 0 or 1 in every row.")
+    ids = table[id_column].astype(str).str.strip()
+    if ids.duplicated().any():
+        raise ValueError(f"{path}: study {ids[ids.duplicated()].iloc[0]} has several rows; keep one per study.")
+    return pd.Series((values.sum(axis=1) * 2 > len(reads)).astype(int).to_numpy(), index=ids.to_numpy())
+
+
+def study_of_slices(index: pd.DataFrame, truth: pd.Series, images: Path, id_column: str) -> pd.Series:
+    """Per slice of a folder index, the id of its study in the truth CSV (NaN where the CSV has none). The ids
+    are PatientIDs or StudyInstanceUIDs, matched through their pseudonyms, whichever matches more slices."""
+    ids = {pseudonym(name): name for name in truth.index}
+    column = max(("study", "patient"), key=lambda name: int(index[name].isin(list(ids)).sum()))
+    study = index[column].map(ids)
+    if study.isna().all():
+        raise ValueError(f"None of the {len(truth)} studies of study_labels is the PatientID or StudyInstanceUID of a "
+                         f"DICOM under {images}: set study_id (now {id_column}) to the column that holds them.")
+    return study

@@ -52,6 +52,8 @@ FILE_QUIRKS = {
     "window_non_integer": 1,
 }
 QUIRK_KINDS = ("wrap_12bit", *FILE_QUIRKS, "duplicate_rows")
+# Mask value of each subtype in render_series: 1 + its place in SUBTYPES, as BHSD's masks number them.
+MASK_VALUES = {subtype: value for value, subtype in enumerate(SUBTYPES, start=1)}
 
 
 @dataclass(frozen=True)
@@ -426,8 +428,11 @@ def _head_box(mm: np.ndarray, centre: float, half: float) -> slice:
     return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
 
 
-def _draw_head(p: Patient, w: float, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, set[str]]:
-    """HU of the head (no noise) on head-frame coordinates, and the subtypes drawn on it."""
+def _draw_head(
+    p: Patient, w: float, u: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, set[str]]:
+    """HU of the head (no noise) on head-frame coordinates, and the subtypes drawn on it; into `mask`, where
+    given, the MASK_VALUES of the blood drawn at each pixel."""
     head = p.head
     a, b, skull = _outline(head, w)
     ai, bi = max(a - skull, 1e-3), max(b - skull, 1e-3)
@@ -464,14 +469,22 @@ def _draw_head(p: Patient, w: float, u: np.ndarray, v: np.ndarray) -> tuple[np.n
         if blood.sum() < min_pixels:
             continue  # too small to see: neither drawn nor labelled
         if bleed.subtype == "intraparenchymal":
-            hu[_ovoid(head, bleed, f, e, grow=3.0) & ~blood & ~csf] = 18.0
+            edema = _ovoid(head, bleed, f, e, grow=3.0) & ~blood & ~csf
+            hu[edema] = 18.0
+            if mask is not None:
+                mask[edema] = 0
         hu[blood] = bleed.hu
+        if mask is not None:
+            mask[blood] = MASK_VALUES[bleed.subtype]
         visible.add(bleed.subtype)
     return hu, visible
 
 
-def render_slice(p: Patient, k: int, rows: int, cols: int) -> tuple[np.ndarray, set[str]]:
-    """HU image of slice k and the subtypes visible on it; labels are counted on this very grid.
+def render_slice(
+    p: Patient, k: int, rows: int, cols: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, set[str]]:
+    """HU image of slice k and the subtypes visible on it; labels are counted on this very grid. `mask`, a
+    rows x cols array, receives the MASK_VALUES of the blood drawn at each pixel.
 
     The image centre lies on the series axis; the head is drawn only in its bounding box, for speed.
     """
@@ -481,13 +494,24 @@ def render_slice(p: Patient, k: int, rows: int, cols: int) -> tuple[np.ndarray, 
     box = _head_box(y, head.cv, head.b + head.scalp), _head_box(x, head.cu, head.a + head.scalp)
     u, v = np.meshgrid(x[box[1]] - head.cu, y[box[0]] - head.cv)
     hu = np.full((rows, cols), -1000.0, dtype=np.float32)
-    hu[box], visible = _draw_head(p, w, u, v)
+    hu[box], visible = _draw_head(p, w, u, v, None if mask is None else mask[box])
 
     rng = np.random.default_rng([p.seed, 2, p.index, k, rows, cols])
     hu += rng.standard_normal((rows, cols), dtype=np.float32) * head.noise
     if p.padding is not None:  # outside the circular field of view
         hu[x[None, :] ** 2 + y[:, None] ** 2 > (p.spacing * min(rows, cols) / 2) ** 2] = p.padding
     return np.rint(hu), visible
+
+
+def render_series(p: Patient, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A patient's series as volumes, for writing the phantom in other formats (NIfTI with masks): the HU of
+    its slices in acquisition order [slices, size, size], as its DICOM files store them, and a uint8 mask of the
+    same shape with the MASK_VALUES of the blood drawn at each pixel (0 none; the later bleed where two overlap)."""
+    hu = np.empty((len(p.image_ids), size, size), np.float32)
+    mask = np.zeros(hu.shape, np.uint8)
+    for k in range(len(p.image_ids)):
+        hu[k], _ = render_slice(p, k, size, size, mask[k])
+    return hu, mask
 
 
 # ---------------------------------------------------------------------------------------- encoding

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 from pydicom import config
@@ -12,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage
 
 from ich.data.dicom import (
     DicomReadError,
@@ -24,7 +25,9 @@ from ich.data.dicom import (
     read_slice,
     slice_position,
 )
+from ich.data.index import load_or_build_index
 from ich.data.windows import Window
+from ich.privacy import pseudonym
 
 # A small known head-CT-like HU image: air, fat, water, brain, blood, bone.
 KNOWN_HU = np.resize(np.array([-1000, -100, 0, 40, 80, 1000, 3000, -500], dtype=np.int16), (32, 32))
@@ -444,3 +447,46 @@ def test_fast_tag_values_equal_pydicoms(name):
             assert float(got) == float(expected), keyword
         else:
             assert str(got) == str(expected), keyword
+
+
+# Secondary captures (Modality OT or SC) converted from CT volumes: CT values without rescale or position tags.
+
+
+def write_ot(path: Path, hu: np.ndarray, **tags) -> Path:
+    """A slice as converters write volumes to DICOM: the HU stored as they are, Modality OT, no rescale, window or
+    position tags."""
+    return write_ct(path, hu.astype(np.int16), Modality="OT", SOPClassUID=SecondaryCaptureImageStorage,
+                    RescaleSlope=None, RescaleIntercept=None, WindowCenter=None, WindowWidth=None,
+                    ImagePositionPatient=None, ImageOrientationPatient=None, **tags)
+
+
+def test_secondary_captures_are_skipped_unless_admitted_and_then_read_as_hu(tmp_path):
+    path = write_ot(tmp_path / "ot.dcm", KNOWN_HU)
+    assert "leave it out, or admit it with data.modalities=[CT,OT]" in str(assert_error(path, "not_ct"))
+    header, hu = read_slice(path, modalities=["CT", "OT"])
+    np.testing.assert_array_equal(hu, KNOWN_HU)  # no rescale tags: the stored values are the HU
+    assert math.isnan(header.position) and math.isnan(header.window_center)
+
+
+def test_admitted_slices_without_positions_are_ordered_by_instance_number_or_file_name(tmp_path):
+    """The index says what each series' order rests on; file names sort with their digits as numbers."""
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    for name, instance in (("a_x", 3), ("a_y", 1), ("a_z", 2)):  # file names against the instance order
+        write_ot(folder / f"{name}.dcm", KNOWN_HU + instance, InstanceNumber=instance, SeriesInstanceUID="ID_a")
+    for number in (10, 2, 1):  # no InstanceNumber either
+        write_ot(folder / f"b_slice{number}.dcm", KNOWN_HU, SeriesInstanceUID="ID_b")
+    write_hu(folder / "ct.dcm")
+    index, summary, _ = load_or_build_index(folder, None, None, tmp_path / "cache", modalities=["CT", "OT"])
+    assert summary.read == 7 and summary.skipped == {}
+    series = {uid: index[index["series"] == pseudonym(uid)].sort_values("slice_index") for uid in ("ID_a", "ID_b")}
+    assert series["ID_a"]["image_id"].tolist() == ["a_y", "a_z", "a_x"] and (series["ID_a"]["order"] == "instance").all()
+    assert series["ID_b"]["image_id"].tolist() == ["b_slice1", "b_slice2", "b_slice10"]
+    assert (series["ID_b"]["order"] == "file").all()
+    assert index.loc[index["image_id"] == "ct", "order"].tolist() == ["position"]
+    np.testing.assert_array_equal(read_hu(series["ID_a"]["path"].iloc[0]), KNOWN_HU + 1)
+
+    _, summary, index_folder = load_or_build_index(folder, None, None, tmp_path / "cache")  # the default: CT only
+    assert summary.read == 1 and summary.skipped == {"not_ct": 6}
+    details = pd.read_csv(index_folder / "skipped.csv")["detail"]
+    assert details.str.contains(r"admit it with data.modalities=\[CT,OT\]").all()

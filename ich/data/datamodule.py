@@ -36,6 +36,7 @@ from ich.data.dataset import (
     init_worker,
 )
 from ich.data.index import IndexSummary, load_or_build_index
+from ich.data.nifti import VolumeSource
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
 from ich.data.windows import parse_windows
@@ -44,7 +45,7 @@ from ich.tasks import SUBTYPES, Task, get_task
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("phantom", "rsna", "images")
+SOURCES = ("phantom", "rsna", "images", "nifti")
 
 
 def phantom_root(cache_dir: Path, settings: dict) -> Path:
@@ -153,11 +154,18 @@ class ICHDataModule(pl.LightningDataModule):
         pin_memory: bool | str = "auto",
         augment: dict | None = None,
         phantom: dict | None = None,
+        modalities: list[str] = ("CT",),
+        masks: str | None = None,
+        mask_labels: dict | None = None,
+        min_mask_pixels: int = 0,
+        label_columns: dict | None = None,
+        first_slice: int = 1,
+        patient_pattern: str | None = None,
         output_dir: str | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
-            raise ValueError(f"Unknown data.source '{source}': choose data=phantom, data=rsna or data=images.")
+            raise ValueError(f"Unknown data.source '{source}': choose data=phantom, data=rsna, data=images or data=nifti.")
         if source != "phantom" and not root:
             raise ValueError(f"data={source} needs data.root=DIR, the folder that holds the dataset.")
         if balance not in ("none", "undersample"):
@@ -182,6 +190,10 @@ class ICHDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
         self.augment = dict(augment or {})
         self.phantom = dict(phantom or {})
+        self.modalities = tuple(modalities)
+        self.volumes = None if source != "nifti" else VolumeSource(
+            self.root / (image_dir or ""), self.root / labels if labels else None, self.root / masks if masks else None,
+            dict(mask_labels or {}), int(min_mask_pixels), dict(label_columns or {}), int(first_slice), patient_pattern)
         self.output_dir = Path(output_dir) if output_dir else None
         self.datasets: dict[str, SliceDataset] = {}
         self.tables: dict[str, pd.DataFrame] = {}
@@ -207,7 +219,8 @@ class ICHDataModule(pl.LightningDataModule):
         if self.source == "phantom":
             return ensure_phantom(self.cache_dir, self.phantom)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={self.root} does not exist: point it at the RSNA download folder.")
+            where = "dataset" if self.volumes else "RSNA download"
+            raise FileNotFoundError(f"data.root={self.root} does not exist: point it at the {where} folder.")
         return self.root
 
     def _full_index(self) -> pd.DataFrame:
@@ -221,11 +234,14 @@ class ICHDataModule(pl.LightningDataModule):
         return self._index
 
     def build_index(self, force: bool = False, workers: int | None = None) -> tuple[pd.DataFrame, IndexSummary, Path]:
-        """The header index of a DICOM source (written on first use, reused after)."""
+        """The header index of a DICOM source, or of the slices of NIfTI volumes (written on first use, reused after)."""
         root = self._dicom_root()
+        if self.volumes is not None:
+            self.volumes.check_labels(self.task.outputs)
+            return self.volumes.index(self.cache_dir, workers, force)
         labels_csv = find_rsna_labels(root)
         images = find_rsna_images(root, self.image_dir)
-        return load_or_build_index(images, labels_csv, read_rsna_labels, self.cache_dir, workers, force)
+        return load_or_build_index(images, labels_csv, read_rsna_labels, self.cache_dir, workers, force, self.modalities)
 
     def build_cache(self, index: pd.DataFrame | None = None, workers: int | None = None) -> SliceCache:
         """The slice cache of a DICOM source's index at data.image_size (converted on first use, finished if cut short)."""
@@ -386,10 +402,19 @@ class ICHDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.datasets["test"])
 
-    def folder_dataloader(self, folder: str | Path) -> DataLoader:
-        """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
-        index, _, _ = load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir)
+    def folder_index(self, folder: str | Path) -> pd.DataFrame:
+        """The header index of a folder of unlabelled DICOMs (nested folders too), built on first use."""
+        return load_or_build_index(Path(folder).expanduser(), None, None, self.cache_dir, modalities=self.modalities)[0]
+
+    def folder_dataset(self, index: pd.DataFrame, ids: np.ndarray | None = None) -> SliceDataset:
+        """The slices of a folder index with this module's preprocessing; targets are zeros. Each is reported by
+        its image id, or by `ids` where file names repeat across series (CQ500's do)."""
         shape = (len(index),) if self.task.loss == "ce" else (len(index), self.task.num_outputs)
         zeros = np.zeros(shape, np.int64 if self.task.loss == "ce" else np.float32)
         loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
-        return self.loader(SliceDataset(neighbour_rows(index, self.context), zeros, as_bytes(index["image_id"]), loader))
+        ids = as_bytes(index["image_id"] if ids is None else ids)
+        return SliceDataset(neighbour_rows(index, self.context), zeros, ids, loader)
+
+    def folder_dataloader(self, folder: str | Path) -> DataLoader:
+        """Unlabelled DICOMs (e.g. Kaggle's stage_2_test/) with this module's preprocessing; targets are zeros."""
+        return self.loader(self.folder_dataset(self.folder_index(folder)))

@@ -28,12 +28,17 @@ READER_VERSION = 2
 # adds ~0.7 ms per 512x512 slice (gathering options, copying), more than parsing the file itself.
 _NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 _DECODER_PACKAGES = "pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (or pip install python-gdcm)"
+# What the index admits by default (data.modalities): CT alone. Secondary captures (OT, SC) converted from CT
+# volumes hold CT values too, but only the user knows that of a dataset.
+CT_ONLY = ("CT",)
+# A slice of a NIfTI volume, unpacked by ich.data.nifti when the index is built: int16 HU in a .npy file.
+UNPACKED_SUFFIX = ".npy"
 
 
 class DicomReadError(Exception):
     """One typed error for any file that cannot give a usable CT slice.
 
-    `reason` is one of: unreadable, bad_header, no_pixel_data, multi_frame, not_monochrome,
+    `reason` is one of: unreadable, bad_header, no_pixel_data, multi_frame, not_monochrome, not_ct,
     no_decoder, bad_pixel_data.
     """
 
@@ -72,6 +77,7 @@ class SliceHeader(PixelFormat):
     position: float  # ImagePositionPatient along the slice normal, mm (nan if tags missing)
     window_center: float  # first value (nan if missing)
     window_width: float  # first value (nan if missing)
+    instance: float  # InstanceNumber (nan if missing): the slice order of a series without position tags
 
 
 def first_float(value: object) -> float:
@@ -107,28 +113,36 @@ def slice_position(image_position: Sequence | None, image_orientation: Sequence 
     return sum(float(p) * n for p, n in zip(image_position, normal)) / length
 
 
-def read_header(path: str | Path) -> SliceHeader:
-    """Read the tags of a slice without its pixel data: fast enough to index 750k files."""
+def read_header(path: str | Path, modalities: Sequence[str] = CT_ONLY) -> SliceHeader:
+    """Read the tags of a slice without its pixel data: fast enough to index 750k files.
+
+    A Modality outside `modalities` raises `not_ct` (a missing Modality counts as CT).
+    """
     # RSNA's "ID_..." UIDs fail pydicom's value validation on every read; ich parses each value it
     # uses itself, so validation would only warn (and log through Hydra's handlers). It is switched
     # off for the read alone, not for the rest of the process.
     with config.disable_value_validation():
-        return _parse_header(path, _open(path, header_only=True))
+        return _parse_header(path, _open(path, header_only=True), modalities)
 
 
-def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
-    """Read a slice as its header and its HxW float32 image in HU, clipped to [-1024, 3071]."""
+def read_slice(path: str | Path, modalities: Sequence[str] = CT_ONLY) -> tuple[SliceHeader, np.ndarray]:
+    """Read a slice as its header and its HxW float32 image in HU, clipped to [-1024, 3071]; a Modality
+    outside `modalities` raises `not_ct`, as in read_header."""
     with config.disable_value_validation():
         ds = _open(path, header_only=False)
-        header = _parse_header(path, ds)
+        header = _parse_header(path, ds, modalities)
         return header, _pixels_in_hu(path, ds, header)
 
 
 def read_hu(path: str | Path) -> np.ndarray:
-    """Read a slice as an HxW float32 image in HU, as read_slice does.
+    """Read a slice as an HxW float32 image in HU, as read_slice does; a `.npy` is a slice that
+    ich.data.nifti unpacked from a volume, already in HU.
 
-    Only the pixel tags are parsed: the identity and position tags cost about a fifth of a read.
+    Only the pixel tags are parsed: the identity and position tags cost about a fifth of a read. The
+    modality is not checked: the index decided which files to admit (data.modalities).
     """
+    if Path(path).suffix == UNPACKED_SUFFIX:
+        return _unpacked_hu(path)
     with config.disable_value_validation():
         ds = _open(path, header_only=False)
         return _pixels_in_hu(path, ds, _parse_pixel_format(path, ds))
@@ -142,6 +156,16 @@ def read_hu_square(path: str | Path, size: int) -> np.ndarray:
     """
     square = fit_to_square(read_hu(path), size)  # a new array: rounding it in place is safe
     return np.rint(square, out=square).astype(np.int16)
+
+
+def _unpacked_hu(path: str | Path) -> np.ndarray:
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError) as err:  # removed or damaged since the index unpacked it
+        raise DicomReadError(
+            path, "unreadable", f"{path}, a slice unpacked from a NIfTI volume, cannot be read ({error_line(err)}): "
+            "rebuild the index with `python -m ich.prepare force=true`."
+        ) from err
 
 
 def fit_to_square(hu: np.ndarray, size: int) -> np.ndarray:
@@ -173,16 +197,17 @@ def _open(path: str | Path, header_only: bool) -> Dataset:
         ) from err
     except OSError as err:
         raise DicomReadError(
-            path, "unreadable", f"{path} cannot be opened ({_why(err)}): check the path and its permissions."
+            path, "unreadable", f"{path} cannot be opened ({error_line(err)}): check the path and its permissions."
         ) from err
     except Exception as err:  # a parser fed arbitrary bytes fails in many ways; each means "unreadable"
         raise DicomReadError(
-            path, "unreadable", f"{path} is not a readable DICOM file ({_why(err)}): re-export it or leave it out."
+            path, "unreadable", f"{path} is not a readable DICOM file ({error_line(err)}): re-export it or leave it out."
         ) from err
 
 
-def _parse_header(path: str | Path, ds: Dataset) -> SliceHeader:
+def _parse_header(path: str | Path, ds: Dataset, modalities: Sequence[str]) -> SliceHeader:
     pixel_format = _parse_pixel_format(path, ds)
+    _check_modality(path, ds, modalities)
     try:
         return SliceHeader(
             **vars(pixel_format),
@@ -193,6 +218,7 @@ def _parse_header(path: str | Path, ds: Dataset) -> SliceHeader:
             position=slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
             window_center=first_float(ds.get("WindowCenter")),
             window_width=first_float(ds.get("WindowWidth")),
+            instance=first_float(ds.get("InstanceNumber")),
         )
     except Exception as err:  # tags are decoded lazily here, so any malformed value surfaces now
         raise _bad_header(path, err) from err
@@ -229,11 +255,6 @@ def _parse_pixel_format(path: str | Path, ds: Dataset) -> PixelFormat:
             f"{path} is {header.photometric or 'untyped'} with {samples} samples per pixel, "
             "not a greyscale CT slice: leave it out.",
         )
-    modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: trust the folder to hold CT
-    if modality != "CT":
-        raise DicomReadError(
-            path, "not_ct", f"{path} is a {modality} image, not CT: Hounsfield windows mean nothing for it; leave it out."
-        )
     if not 0 < header.rescale_slope <= MAX_SLOPE or abs(header.rescale_intercept) > MAX_INTERCEPT:
         raise DicomReadError(
             path,
@@ -242,6 +263,17 @@ def _parse_pixel_format(path: str | Path, ds: Dataset) -> PixelFormat:
             "which no CT uses: fix or re-export the file.",
         )
     return header
+
+
+def _check_modality(path: str | Path, ds: Dataset, modalities: Sequence[str]) -> None:
+    modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: trust the folder to hold CT
+    if modality not in {m.strip().upper() for m in modalities}:
+        admitted = ",".join(dict.fromkeys([*(m.strip().upper() for m in modalities), modality]))
+        raise DicomReadError(
+            path, "not_ct", f"{path} has Modality {modality}, not CT, so Hounsfield windows may mean nothing for it: "
+            f"leave it out, or admit it with data.modalities=[{admitted}] if its pixels are CT values "
+            "(a secondary capture converted from a CT volume)."
+        )
 
 
 # Beyond these the stored pixels cannot be Hounsfield units (CT slopes are ~1, intercepts ~-1024 or 0).
@@ -278,11 +310,11 @@ _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
 
 def _bad_header(path: str | Path, err: Exception) -> DicomReadError:
     return DicomReadError(
-        path, "bad_header", f"{path} has a tag that cannot be parsed ({_why(err)}): fix or re-export the file."
+        path, "bad_header", f"{path} has a tag that cannot be parsed ({error_line(err)}): fix or re-export the file."
     )
 
 
-def _why(err: Exception) -> str:
+def error_line(err: Exception) -> str:
     """The cause of a library error on one line, to keep DicomReadError messages one sentence."""
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -304,7 +336,7 @@ def _optional_int(path: str | Path, ds: Dataset, keyword: str) -> int | None:
         return None if value is None or value == "" else int(value)
     except Exception as err:  # decoded lazily, like every tag
         raise DicomReadError(
-            path, "bad_header", f"{path} has an unparsable {keyword} ({_why(err)}): fix or re-export the file."
+            path, "bad_header", f"{path} has an unparsable {keyword} ({error_line(err)}): fix or re-export the file."
         ) from err
 
 
@@ -326,7 +358,7 @@ def _stored_pixels(path: str | Path, ds: Dataset, header: PixelFormat) -> np.nda
         pixels = ds.pixel_array
     except Exception as err:  # the decoder plugins raise their own types; all mean the same to us
         raise DicomReadError(
-            path, "bad_pixel_data", f"{path} has pixel data that cannot be decoded ({_why(err)}): re-export it."
+            path, "bad_pixel_data", f"{path} has pixel data that cannot be decoded ({error_line(err)}): re-export it."
         ) from err
     if pixels.shape != (header.rows, header.columns):
         raise DicomReadError(

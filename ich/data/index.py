@@ -4,32 +4,37 @@ The pass reads each file once (in parallel, with a progress bar) and records wha
 without touching pixels again: who the slice belongs to (pseudonymised), where it sits along its
 series, its window tags and bit depth, its labels, and how much of it is brain (for the blank-slice
 filter). Files that cannot be read are counted per reason and listed in `skipped.csv`, never dropped
-silently.
+silently. NIfTI volumes become series of the same table (ich.data.nifti), kept and refreshed the same way.
 """
 
 import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ich.data.dicom import DicomReadError, read_slice
+from ich.data.dicom import CT_ONLY, DicomReadError, read_slice
 from ich.privacy import pseudonym
 from ich.results import write_atomic
 from ich.tasks import LABELS
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: InstanceNumber and the source of each series' slice order (`instance`, `order`)
 BRAIN_HU = (0.0, 80.0)  # the brain window: CSF, grey and white matter, fresh blood
+# How a series' slices were put in order, in the index's `order` column: along the slice normal (DICOM
+# position tags, or a NIfTI volume's affine), by InstanceNumber, or by file name.
+ORDER_SOURCES = ("position", "instance", "file")
 
 
 @dataclass
@@ -53,15 +58,16 @@ class IndexSummary:
         return out
 
 
-def _brain_fraction(hu: np.ndarray) -> float:
-    sample = hu[::4, ::4]  # a quarter of the rows and columns is plenty for a fraction
+def brain_fraction(hu: np.ndarray) -> float:
+    """The share of a slice's pixels in the brain's HU range, on a quarter of its rows and columns (plenty for a fraction)."""
+    sample = hu[::4, ::4]
     return float(((sample >= BRAIN_HU[0]) & (sample <= BRAIN_HU[1])).mean())
 
 
-def scan_file(path: str) -> dict:
-    """Index one file; an unreadable one comes back as a row with a `skip` reason."""
+def scan_file(path: str, modalities: Sequence[str] = CT_ONLY) -> dict:
+    """Index one file; an unreadable one (or one of a modality not admitted) comes back as a row with a `skip` reason."""
     try:
-        header, hu = read_slice(path)
+        header, hu = read_slice(path, modalities)
     except DicomReadError as err:
         return {"image_id": Path(path).stem, "skip": err.reason, "detail": str(err)}
     return {
@@ -71,35 +77,60 @@ def scan_file(path: str) -> dict:
         "study": pseudonym(header.study),
         "series": pseudonym(header.series),
         "position": header.position,
+        "instance": header.instance,
         "window_center": header.window_center,
         "window_width": header.window_width,
         "bits_stored": header.bits_stored,
         "pixel_representation": header.pixel_representation,
         "rows": header.rows,
         "columns": header.columns,
-        "brain_fraction": _brain_fraction(hu),
+        "brain_fraction": brain_fraction(hu),
     }
 
 
-def _scan_all(paths: list[str], workers: int) -> list[dict]:
+def _scan_all(paths: list[str], workers: int, modalities: Sequence[str]) -> list[dict]:
     progress = dict(total=len(paths), desc="Indexing DICOMs", unit="file", mininterval=1.0)
+    scan = partial(scan_file, modalities=tuple(modalities))
     if workers <= 1 or len(paths) < 64:
-        return [scan_file(p) for p in tqdm(paths, **progress)]
+        return [scan(p) for p in tqdm(paths, **progress)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(scan_file, paths, chunksize=32), **progress))
+        return list(tqdm(pool.map(scan, paths, chunksize=32), **progress))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts `slice2` before `slice10`: digit runs compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def add_slice_order(index: pd.DataFrame) -> pd.DataFrame:
-    """Order slices within each series by their position along the slice normal.
+    """Order slices within each series, and record in `order` what the order rests on.
 
-    RSNA files have no InstanceNumber; file names carry no order either.
+    By position along the slice normal when every slice of the series has one (RSNA files have no
+    InstanceNumber, and file names carry no order); else by InstanceNumber when every slice has one
+    (secondary captures converted from volumes often lack position tags); else by file name, digits
+    compared as numbers.
     """
-    index = index.sort_values(["series", "position", "image_id"], na_position="last", kind="stable")
+    series = index["series"]
+    instance = index["instance"] if "instance" in index else pd.Series(np.nan, index=index.index)
+    by_position = index["position"].notna().groupby(series).transform("all").to_numpy()
+    by_instance = ~by_position & instance.notna().groupby(series).transform("all").to_numpy()
+    by_file = ~by_position & ~by_instance
+    key = np.where(by_position, index["position"].to_numpy(np.float64), instance.to_numpy(np.float64))
+    if by_file.any():
+        names = index.loc[by_file, "path"].tolist()
+        ranks = np.empty(len(names))
+        ranks[sorted(range(len(names)), key=lambda i: natural_key(names[i]))] = np.arange(len(names))
+        key[by_file] = ranks
+    order = np.select([by_position, by_instance], ["position", "instance"], "file")
+    index = index.assign(order=pd.Categorical(order, categories=ORDER_SOURCES), _key=key)
+    index = index.sort_values(["series", "_key", "image_id"], kind="stable").drop(columns="_key")
     index["slice_index"] = index.groupby("series").cumcount().astype("int32")
     index["series_length"] = index.groupby("series")["image_id"].transform("size").astype("int32")
-    unordered = index.loc[index["position"].isna(), "series"].nunique()
-    if unordered:
-        log.warning("%d series have slices without ImagePositionPatient: their order (data.context) is a guess", unordered)
+    for source, how in (("instance", "InstanceNumber"), ("file", "file name")):
+        count = index.loc[index["order"] == source, "series"].nunique()
+        if count:
+            log.warning("%d series have slices without ImagePositionPatient: ordered by %s (the index's `order` "
+                        "column says which), so data.context rests on that order", count, how)
     return index.reset_index(drop=True)
 
 
@@ -110,7 +141,9 @@ def list_dicoms(image_dir: Path) -> list[Path]:
     return files
 
 
-def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
+def build_index(
+    image_dir: Path, labels: pd.DataFrame | None, workers: int, modalities: Sequence[str] = CT_ONLY
+) -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
     """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None), and merge
     the labels in: the index is the one table of slices that training reads."""
     files = list_dicoms(image_dir)
@@ -123,7 +156,7 @@ def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> t
         files = [f for f in files if f.stem in known]
         missing = sorted(known - {f.stem for f in files})
         skipped += [{"image_id": i, "skip": "missing_file", "detail": "labelled, but no DICOM file"} for i in missing]
-    rows = _scan_all([str(f) for f in files], workers)
+    rows = _scan_all([str(f) for f in files], workers, modalities)
     skipped += [row for row in rows if "skip" in row]
     index = pd.DataFrame([row for row in rows if "skip" not in row])
     if index.empty:
@@ -137,9 +170,9 @@ def build_index(image_dir: Path, labels: pd.DataFrame | None, workers: int) -> t
     return add_slice_order(index), skipped_table, summary
 
 
-def index_dir(cache_dir: Path, image_dir: Path, labels_csv: Path | None) -> Path:
-    """A cache folder per (image folder, label file) pair."""
-    key = f"{image_dir.resolve()}|{labels_csv.resolve() if labels_csv else ''}"
+def index_dir(cache_dir: Path, image_dir: Path, labels_csv: Path | None, settings: str = "") -> Path:
+    """A cache folder per (image folder, label file) pair, and per reading settings when they are not the default."""
+    key = f"{image_dir.resolve()}|{labels_csv.resolve() if labels_csv else ''}" + (f"|{settings}" if settings else "")
     return cache_dir / f"index-{image_dir.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -158,37 +191,59 @@ def load_or_build_index(
     cache_dir: Path,
     workers: int | None = None,
     force: bool = False,
+    modalities: Sequence[str] = CT_ONLY,
 ) -> tuple[pd.DataFrame, IndexSummary, Path]:
-    """Reuse the index when the DICOM folder and the label file are unchanged; otherwise scan again.
+    """The index of the DICOMs under `image_dir` with the labels of `labels_csv` (see `cached_index`).
 
-    Whether it is fresh is told by two stat calls (the label file, the DICOM folder), so a fresh index
-    costs one parquet read: the label file (4.5 M rows for RSNA) is parsed by `read_labels` and the
-    folder walked only when the index is built. Files added to or removed from subfolders of a nested
-    folder do not change the folder's own stamp: `python -m ich.prepare force=true` rescans.
+    `modalities` are the Modality values admitted as CT slices (data.modalities); the default admits CT alone.
     """
-    folder = index_dir(cache_dir, image_dir, labels_csv)
+    admitted = sorted({m.strip().upper() for m in modalities})
+    settings = "" if admitted == list(CT_ONLY) else f"modalities={','.join(admitted)}"
+
+    def build() -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
+        labels = read_labels(labels_csv) if labels_csv is not None and read_labels is not None else None
+        return build_index(image_dir, labels, workers or os.cpu_count() or 1, admitted)
+
+    return cached_index(index_dir(cache_dir, image_dir, labels_csv, settings), image_dir, labels_csv, build, force)
+
+
+def cached_index(
+    folder: Path,
+    image_dir: Path,
+    labels: Path | None,
+    build: Callable[[], tuple[pd.DataFrame, pd.DataFrame, IndexSummary]],
+    force: bool = False,
+) -> tuple[pd.DataFrame, IndexSummary, Path]:
+    """Reuse the index in `folder` when the image folder and the labels (a file, or a folder of masks) are
+    unchanged; otherwise `build` it again and write it with its summary and `skipped.csv`.
+
+    Whether it is fresh is told by two stat calls (the labels, the image folder), so a fresh index
+    costs one parquet read: the label file (4.5 M rows for RSNA) is parsed and the folder walked only
+    when the index is built. Files added to or removed from subfolders of a nested folder do not change
+    the folder's own stamp: `python -m ich.prepare force=true` rescans.
+    """
     index_path, summary_path = folder / "index.parquet", folder / "summary.json"
     if not force and index_path.is_file() and summary_path.is_file():
         saved = json.loads(summary_path.read_text())
         fresh = (
             saved.get("version") == INDEX_VERSION
-            and saved["labels_stamp"] == file_stamp(labels_csv)
+            and saved["labels_stamp"] == file_stamp(labels)
             and saved["images_stamp"] == file_stamp(image_dir)
         )
         if fresh:
             return pd.read_parquet(index_path), IndexSummary(**saved), folder
         log.info("The files or labels under %s changed since the index was built: scanning again", image_dir)
-    labels = read_labels(labels_csv) if labels_csv is not None and read_labels is not None else None
-    index, skipped, summary = build_index(image_dir, labels, workers or os.cpu_count() or 1)
-    summary.labels_file = str(labels_csv) if labels_csv else None
-    summary.labels_stamp = file_stamp(labels_csv)
-    summary.images_stamp = file_stamp(image_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    index, skipped, summary = build()
+    summary.labels_file = str(labels) if labels else None
+    summary.labels_stamp = file_stamp(labels)
+    summary.images_stamp = file_stamp(image_dir)
     write_atomic(index_path, lambda p: index.to_parquet(p, index=False))
     skipped.to_csv(folder / "skipped.csv", index=False)
     write_atomic(summary_path, lambda p: p.write_text(json.dumps(asdict(summary), indent=2)))
     for reason, group in skipped.groupby("skip"):
         shown = ", ".join(group["image_id"].head(10))
         more = f" and {len(group) - 10} more" if len(group) > 10 else ""
-        log.warning("Skipped %d file(s) (%s): %s%s; full list in %s", len(group), reason, shown, more, folder / "skipped.csv")
+        log.warning("Skipped %d file(s) (%s): %s%s; full list in %s. %s", len(group), reason, shown, more,
+                    folder / "skipped.csv", group["detail"].iloc[0])
     return index, summary, folder
