@@ -97,8 +97,10 @@ def description(deployed: Deployed, format: str, out: Path) -> dict:
         "fixed_threshold": float(model.hparams.threshold),
         "temperature": deployed.temperature,
         "input": {"name": INPUT_NAME, "dtype": "int16", "shape": ["batch", slices, size, size],
-                  "holds": f"Hounsfield units of {slices} neighbouring slices of a series centred on the slice "
-                           f"predicted, each read as ich.data.dicom.read_hu_square(path, {size}) does"},
+                  "holds": "Hounsfield units of the slice predicted"
+                           + (f" between its {slices // 2} neighbours on each side in its series (the edge slice "
+                              "repeated at the ends)" if slices > 1 else "")
+                           + f", {'each ' if slices > 1 else ''}as ich.data.dicom.read_hu_square(path, {size}) reads it"},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(deployed.labels)],
                    "holds": f"the probability of each label, {'softmax' if model.task.loss == 'ce' else 'sigmoid'} "
                             "at the temperature"},

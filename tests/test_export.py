@@ -78,13 +78,31 @@ def saved_checkpoint(path, task="binary", windows=("brain",), context=0, backbon
     return path
 
 
-@pytest.mark.parametrize("task, windows, context", [
-    ("binary", ["brain"], 0),  # one plane: three identical channels
-    ("subtype", [[35, 75], "bone"], 0),  # a window with a fractional lower edge: OpenCV's other branch
-    ("multilabel", THREE_WINDOWS, 1),  # 3 windows x 3 slices, slice-major
-])
-def test_hu_model_makes_the_loaders_images_and_the_checkpoints_probabilities(tmp_path, series, task, windows, context):
-    checkpoint = saved_checkpoint(tmp_path / "model.ckpt", task, windows, context)
+# The tiny checkpoints the quick tests share: name -> task, windows, context.
+SETTINGS = {
+    "one_window": ("binary", ["brain"], 0),  # one plane: three identical channels
+    "fractional": ("subtype", [[35, 75], "bone"], 0),  # a window with a fractional lower edge: OpenCV's other branch
+    "context": ("multilabel", THREE_WINDOWS, 1),  # 3 windows x 3 slices, slice-major
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> the fitted checkpoint of SETTINGS[name], written once a module."""
+    written = {}
+
+    def get(name):
+        if name not in written:
+            written[name] = saved_checkpoint(tmp_path_factory.mktemp(name) / "model.ckpt", *SETTINGS[name])
+        return written[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_hu_model_makes_the_loaders_images_and_the_checkpoints_probabilities(checkpoints, series, name):
+    task, windows, context = SETTINGS[name]
+    checkpoint = checkpoints(name)
     hu, images = data_path(series, windows, context, SIZE)
 
     deployed = load_deployed(checkpoint)
@@ -97,20 +115,19 @@ def test_hu_model_makes_the_loaders_images_and_the_checkpoints_probabilities(tmp
     assert deployed.thresholds.tolist() == [0.5] * len(deployed.labels) and not deployed.thresholds_chosen
 
 
-def test_every_int16_value_is_windowed_as_the_loader_windows_it(tmp_path):
-    checkpoint = saved_checkpoint(tmp_path / "model.ckpt", windows=[[35, 75], "subdural", "bone"])
+def test_every_int16_value_is_windowed_as_the_loader_windows_it(checkpoints):
     hu = np.arange(-32768, 32768, dtype=np.int16).reshape(4, 1, 128, 128)  # every value a slice can hold
-    windows = parse_windows([[35, 75], "subdural", "bone"])
+    windows = parse_windows(SETTINGS["fractional"][1])
 
-    planes = load_deployed(checkpoint).module.planes(torch.from_numpy(hu)).numpy()
+    planes = load_deployed(checkpoints("fractional")).module.planes(torch.from_numpy(hu)).numpy()
 
     for item in range(len(hu)):
         np.testing.assert_array_equal(planes[item], np.stack(window_planes(hu[item, 0], windows)))
 
 
-def test_hu_of_another_type_or_shape_is_refused_naming_the_reader(tmp_path, series):
-    deployed = load_deployed(saved_checkpoint(tmp_path / "model.ckpt", context=1))
-    hu, _ = data_path(series, ["brain"], 1, SIZE)
+def test_hu_of_another_type_or_shape_is_refused_naming_the_reader(checkpoints, series):
+    deployed = load_deployed(checkpoints("context"))
+    hu, _ = data_path(series, THREE_WINDOWS, 1, SIZE)
     with pytest.raises(ValueError, match=r"takes int16 HU of shape \[batch, 3, 32, 32\], not float32.*read_hu_square"):
         deployed(hu.astype(np.float32))
     with pytest.raises(ValueError, match=r"not int16 \[11, 1, 32, 32\]"):
@@ -126,18 +143,18 @@ def test_an_image_folder_checkpoint_is_refused_in_one_sentence(tmp_path):
         export(checkpoint, "onnx", tmp_path / "model.onnx")
 
 
-def test_an_exported_file_carries_its_json_and_needs_it(tmp_path, series):
-    checkpoint = saved_checkpoint(tmp_path / "model.ckpt", windows=["brain", "bone"], context=1)
-    hu, images = data_path(series, ["brain", "bone"], 1, SIZE)
+def test_an_exported_file_carries_its_json_and_needs_it(checkpoints, series, tmp_path):
+    checkpoint = checkpoints("context")
+    hu, images = data_path(series, THREE_WINDOWS, 1, SIZE)
 
     out = export(checkpoint, "torchscript", tmp_path / "deploy" / "model.pt")
 
     described = tmp_path / "deploy" / "model.pt.json"
     about = json.loads(described.read_text())
-    assert about["labels"] == ["any"] and about["task"] == "binary"
-    assert about["thresholds"] == [0.5] and about["thresholds_chosen"] is False
+    assert about["labels"] == list(LABELS) and about["task"] == "multilabel"
+    assert about["thresholds"] == [0.5] * 6 and about["thresholds_chosen"] is False
     assert about["input"]["shape"] == ["batch", 3, SIZE, SIZE] and about["input"]["dtype"] == "int16"
-    assert about["inputs"]["windows"] == [[40.0, 80.0], [600.0, 2800.0]]
+    assert about["inputs"]["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]]
     assert about["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     np.testing.assert_allclose(load_deployed(out)(hu), checkpoint_probabilities(checkpoint, images), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"out=.*model\.onnx must end in \.pt for format=torchscript"):
@@ -194,7 +211,7 @@ def test_onnx_and_torchscript_files_give_the_checkpoints_probabilities(trained, 
 
 @pytest.mark.slow
 def test_a_resnet18_exports_to_both_formats(tmp_path, series):
-    checkpoint = saved_checkpoint(tmp_path / "resnet18.ckpt", "multilabel", THREE_WINDOWS, backbone="resnet18")
+    checkpoint = saved_checkpoint(tmp_path / "resnet18.ckpt", "subtype", THREE_WINDOWS, backbone="resnet18")  # softmax
     hu, images = data_path(series, THREE_WINDOWS, 0, SIZE)
     expected = checkpoint_probabilities(checkpoint, images)
     for format, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
