@@ -20,7 +20,7 @@ from ich.data.dataset import DicomLoader, SliceDataset, as_bytes
 from ich.data.dicom import read_hu_square
 from ich.data.windows import parse_windows, window_planes
 from ich.deploy import load_deployed
-from ich.export import export
+from ich.export import export, run as run_export
 from ich.module import ICHLitModule
 from ich.phantom import generate
 from ich.tasks import LABELS, get_task
@@ -163,6 +163,17 @@ def test_an_exported_file_carries_its_json_and_needs_it(checkpoints, series, tmp
     described.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{described} is missing: .*copy it along or export again"):
         load_deployed(out)
+
+
+def test_the_export_config_writes_model_pt_into_its_folder_and_names_a_wrong_format(checkpoints, tmp_path):
+    checkpoint = checkpoints("one_window")
+    cfg = compose_config("export", [f"ckpt_path={checkpoint}", "format=torchscript", f"output_dir={tmp_path}"])
+
+    assert run_export(cfg) == tmp_path / "model.pt"
+
+    assert json.loads((tmp_path / "model.pt.json").read_text())["format"] == "torchscript"
+    with pytest.raises(ValueError, match="Unknown format=tflite: choose format=onnx or format=torchscript"):
+        run_export(compose_config("export", [f"ckpt_path={checkpoint}", "format=tflite", f"output_dir={tmp_path}"]))
 
 
 @pytest.fixture(scope="module")
