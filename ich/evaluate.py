@@ -30,15 +30,12 @@ from ich.operating import auroc, exam_scores, honest_metrics, patient_bootstrap,
 from ich.plots import save_figures, save_reliability_diagram
 from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
-from ich.runs import best_checkpoint, training_run_dir
+from ich.runs import best_checkpoint, data_config, saved_inputs, training_run_dir
+from ich.sequence import SequenceLitModule, exam_score_metrics, is_stage_two, stage_two_data
 from ich.tasks import LABELS, Task
 
 log = logging.getLogger(__name__)
 
-# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
-INPUT_KEYS = ("windows", "context", "image_size")
-# Data keys that say which slices these are: when one differs from training's, it is another dataset.
-IDENTITY = ("source", "root", "image_dir", "labels", "phantom")
 # Kaggle scores log loss: a probability of exactly 0 or 1 on a wrong answer would cost infinity.
 SUBMISSION_CLIP = 1e-6
 
@@ -56,9 +53,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    stage_two = is_stage_two(checkpoint)  # a sequence model over a stage-1 checkpoint's series (ich.sequence)
+    model = (SequenceLitModule if stage_two else ICHLitModule).load_from_checkpoint(checkpoint, map_location="cpu",
+                                                                                     weights_only=True)
     task = model.task
     test_dir = submission_folder(cfg, task)
+    if stage_two and (test_dir is not None or cfg.get("study_labels")):
+        raise ValueError("test_dir and study_labels take stage-1 checkpoints for now: pass the stage-2 model's encoder "
+                         "run as ckpt_path.")
     run_dir = training_run_dir(checkpoint)
     inputs, trained = saved_inputs(model, checkpoint)
     data = data_config(cfg, trained, command_line_keys(overrides), run_dir)
@@ -67,6 +69,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
     if cfg.get("study_labels"):
         return evaluate_studies(cfg, model, datamodule, output_dir)
+    slices = datamodule  # what the report's tiles are read from
+    if stage_two:
+        datamodule = stage_two_data(model, slices, data)
     datamodule.prepare_data()
     datamodule.setup()
     if not len(datamodule.datasets["test"]):
@@ -83,19 +88,22 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     temperature = float(model.temperature)
     metrics.update(honest_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients, studies,
                                   resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
+    if stage_two:
+        metrics.update(exam_score_metrics(trainer, model, datamodule.predict_dataloader()))
     metrics["data/slices_test"] = float(len(ids))
     write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
     table = predictions_table(task, ids, datamodule.tables["test"].set_index("image_id")["patient"], probs, targets)
     table.to_csv(output_dir / "predictions.csv", index=False)
     save_figures(output_dir, task, float(model.hparams.threshold), probs, targets)
     save_reliability_diagram(output_dir / "reliability.png", task, logits, targets, temperature)
-    write_evaluation_report(output_dir / "report.html", title=f"{task.name} / {model.hparams.backbone}: evaluation",
+    name = model.hparams.get("backbone", "sequence")
+    write_evaluation_report(output_dir / "report.html", title=f"{task.name} / {name}: evaluation",
                             checkpoint=checkpoint, data=f"{data['source']} {data.get('root') or ''}".strip(),
-                            model=model, datamodule=datamodule, metrics=metrics, predictions=table)
+                            model=model, datamodule=slices, metrics=metrics, predictions=table)
 
     if test_dir is not None:
         write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)
-    print_metrics(metrics, title=f"{task.name} / {model.hparams.backbone} on {len(ids)} test slices -> {output_dir}")
+    print_metrics(metrics, title=f"{task.name} / {name} on {len(ids)} test slices -> {output_dir}")
     return metrics
 
 
@@ -139,48 +147,9 @@ def submission_folder(cfg: DictConfig, task: Task) -> Path | None:
     return test_dir
 
 
-def saved_inputs(model: ICHLitModule, checkpoint: Path) -> tuple[dict, dict]:
-    """What the checkpoint says of its inputs and of its training data (ICHLitModule's `inputs` and `data`)."""
-    inputs, data = model.hparams.get("inputs"), model.hparams.get("data")
-    if not inputs or not data:
-        raise ValueError(f"{checkpoint} does not say how its inputs were made (it predates self-describing "
-                         "checkpoints): train it again with this version of ich.")
-    return inputs, data
-
-
 def command_line_keys(overrides: Sequence[str]) -> set[str]:
     """The config keys set on the command line: `+data.context=1` -> `data.context`."""
     return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
-
-
-def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) -> dict:
-    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
-    chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
-    if "source" in chosen:  # a data group was chosen on the command line
-        data = chosen
-        data.update({key: trained[key] for key in INPUT_KEYS if f"data.{key}" not in given})
-    else:  # the training run's data, with any +data.* tweaks on top
-        data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
-
-    changed = [key for key in IDENTITY if data.get(key) != trained.get(key)]
-    if "data.split_file" in given:
-        log.info("Testing on the test split of %s", data["split_file"])
-    elif changed:
-        log.info(
-            "External validation: data.%s differs from the training run's, so all %s slices are test slices.",
-            "/".join(changed),
-            data["source"],
-        )
-        data.update(split=[0.0, 0.0, 1.0], split_file=None)
-    elif (run_dir / "split.csv").is_file():
-        data["split_file"] = str(run_dir / "split.csv")
-        log.info("Testing on the training run's test patients from %s", data["split_file"])
-    else:
-        log.info("No split.csv in %s: the training config's split and seed give the same test patients again", run_dir)
-    for key in ("batch_size", "num_workers"):
-        if cfg.get(key) is not None:
-            data[key] = cfg[key]
-    return data
 
 
 def check_inputs(inputs: dict, data: dict) -> None:

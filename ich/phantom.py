@@ -672,7 +672,8 @@ def generate_images(
     window: tuple[float, float] = (40.0, 80.0),
 ) -> dict:
     """Write the same phantom as an image folder (`data=images`): one brain-windowed 8-bit PNG per slice in
-    `images/`, and `labels.csv` with `filename`, `patient` and the six labels. Returns counts."""
+    `images/`, and `labels.csv` with `filename`, `patient`, `series`, `slice` (its number along the head) and
+    the six labels. Returns counts."""
     _check_settings(patients, slices, size)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -683,8 +684,8 @@ def generate_images(
             hu, shown = render_slice(p, k, size, size)
             cv2.imwrite(str(out / "images" / f"{image_id}.png"), brain(hu))
             values = {s: int(s in shown) for s in SUBTYPES} | {"any": int(bool(shown))}
-            rows.append({"filename": f"images/{image_id}.png", "patient": p.patient_id,
-                         **{label: values[label] for label in LABELS}})
+            rows.append({"filename": f"images/{image_id}.png", "patient": p.patient_id, "series": p.series_uid,
+                         "slice": k, **{label: values[label] for label in LABELS}})
     table = pd.DataFrame(rows)
     table.to_csv(out / "labels.csv", index=False)
     return {"out_dir": str(out), "files": len(table), "positives": table[list(LABELS)].sum().astype(int).to_dict()}

@@ -1,8 +1,19 @@
-"""Run folders: where a checkpoint's run lives, and which checkpoint `ckpt_path=last` or a run folder means."""
+"""Run folders: where a checkpoint's run lives, which checkpoint `ckpt_path=last` or a run folder means, and
+which data a checkpoint was trained on (for evaluate.py and for a second stage over its slices)."""
 
+import logging
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning import LightningModule
+
+log = logging.getLogger(__name__)
+
 LAST = "last"
+# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
+INPUT_KEYS = ("windows", "context", "image_size")
+# Data keys that say which slices these are: when one differs from training's, it is another dataset.
+IDENTITY = ("source", "root", "image_dir", "labels", "phantom")
 
 
 def training_run_dir(checkpoint: Path) -> Path:
@@ -39,3 +50,42 @@ def best_checkpoint(run: Path) -> Path:
     if (folder / "last.ckpt").is_file():
         return folder / "last.ckpt"
     raise FileNotFoundError(f"{run} holds no checkpoints/*.ckpt: pass a run folder of train.py or a .ckpt file.")
+
+
+def saved_inputs(model: LightningModule, checkpoint: Path) -> tuple[dict, dict]:
+    """What the checkpoint says of its inputs and of its training data (ICHLitModule's `inputs` and `data`)."""
+    inputs, data = model.hparams.get("inputs"), model.hparams.get("data")
+    if not inputs or not data:
+        raise ValueError(f"{checkpoint} does not say how its inputs were made (it predates self-describing "
+                         "checkpoints): train it again with this version of ich.")
+    return inputs, data
+
+
+def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) -> dict:
+    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
+    chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    if "source" in chosen:  # a data group was chosen on the command line
+        data = chosen
+        data.update({key: trained[key] for key in INPUT_KEYS if f"data.{key}" not in given})
+    else:  # the training run's data, with any +data.* tweaks on top
+        data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
+
+    changed = [key for key in IDENTITY if data.get(key) != trained.get(key)]
+    if "data.split_file" in given:
+        log.info("Testing on the test split of %s", data["split_file"])
+    elif changed:
+        log.info(
+            "External validation: data.%s differs from the training run's, so all %s slices are test slices.",
+            "/".join(changed),
+            data["source"],
+        )
+        data.update(split=[0.0, 0.0, 1.0], split_file=None)
+    elif (run_dir / "split.csv").is_file():
+        data["split_file"] = str(run_dir / "split.csv")
+        log.info("Testing on the training run's test patients from %s", data["split_file"])
+    else:
+        log.info("No split.csv in %s: the training config's split and seed give the same test patients again", run_dir)
+    for key in ("batch_size", "num_workers"):
+        if cfg.get(key) is not None:
+            data[key] = cfg[key]
+    return data

@@ -29,6 +29,7 @@ from ich.operating import honest_metrics, slice_groups
 from ich.plots import save_reliability_diagram
 from ich.results import predictions_table, print_metrics, write_atomic, write_json
 from ich.runs import resume_checkpoint, training_run_dir
+from ich.sequence import build_stage_two
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = ICHDataModule.from_config(cfg)
-    datamodule.prepare_data()
-    datamodule.setup()
-    model = build_module(cfg, datamodule)
+    if "sequence" in cfg.model:  # stage 2 (model=sequence): a sequence model over a stage-1 checkpoint's series
+        datamodule, model = build_stage_two(cfg)
+    else:
+        datamodule = ICHDataModule.from_config(cfg)
+        datamodule.prepare_data()
+        datamodule.setup()
+        model = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, resume_from=resume_from)
     try:
         metrics = _train_and_test(cfg, trainer, model, datamodule, resume_from)
@@ -177,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     _finish_wandb(trainer, exit_code=0)
     if trainer.is_global_zero:  # under DDP every rank holds the same synced metrics: one writes them
         write_json(output_dir / "metrics.json", metrics)
-        print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.backbone} -> {output_dir}")
+        print_metrics(metrics, title=f"{cfg.task.name} / {cfg.model.get('backbone', 'sequence')} -> {output_dir}")
     return metrics
 
 
@@ -270,7 +274,7 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         step = checkpoint["global_step"]
         if step not in chosen_at:
-            chosen = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            chosen = type(model).load_from_checkpoint(path, map_location="cpu", weights_only=True)
             _, logits, targets = predict_logits(predictor, chosen, loader)
             chosen.choose_operating_point(logits, targets)
             chosen_at[step] = {name: getattr(chosen, name).detach().cpu() for name in ("op_thresholds", "temperature")}
@@ -292,9 +296,11 @@ def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLi
                             studies, resamples=int(cfg.bootstrap), seed=int(cfg.seed))
     table = predictions_table(model.task, ids, datamodule.tables["test"].set_index("image_id")["patient"],
                               model.probabilities(logits), targets)
-    write_evaluation_report(output_dir / "report.html", title=f"{model.task.name} / {model.hparams.backbone}: test stage",
-                            checkpoint=checkpoint, data=f"{cfg.data.source} {cfg.data.get('root') or ''}".strip(),
-                            model=model, datamodule=datamodule, metrics={**tested, **honest}, predictions=table)
+    slices = getattr(datamodule, "slices", datamodule)  # stage 2 reports on its encoder's slices
+    write_evaluation_report(output_dir / "report.html",
+                            title=f"{model.task.name} / {model.hparams.get('backbone', 'sequence')}: test stage",
+                            checkpoint=checkpoint, data=f"{slices.source} {slices.root or ''}".strip(),
+                            model=model, datamodule=slices, metrics={**tested, **honest}, predictions=table)
     return honest
 
 

@@ -126,7 +126,9 @@ def test_default_head_is_one_linear_layer():
     assert [type(layer) for layer in head] == [nn.Linear]
 
 
-MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
+# Slice models; model=sequence is stage 2 over one of them (tests/test_sequence.py checks its keys).
+MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if not p.stem.startswith("_")
+                       and p.stem != "sequence")
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

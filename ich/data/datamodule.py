@@ -35,7 +35,7 @@ from ich.data.dataset import (
     collate_skipping,
     init_worker,
 )
-from ich.data.index import IndexSummary, load_or_build_index
+from ich.data.index import IndexSummary, add_slice_order, load_or_build_index
 from ich.data.nifti import VolumeSource
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
@@ -109,6 +109,13 @@ def neighbour_rows(index: pd.DataFrame, context: int) -> np.ndarray:
     return first[:, None] + np.clip(position[:, None] + offsets, 0, length[:, None] - 1)
 
 
+def check_slice_order(index: pd.DataFrame, option: str) -> None:
+    """PNG/JPG folders know the order of a series' slices only from columns of data.labels: name them if absent."""
+    if "series_length" not in index:
+        raise ValueError(f"{option} needs each slice's place in its series: add a `slice` column (its number along "
+                         "the head) and, unless each patient has one series, a `series` column to data.labels.")
+
+
 def memory_budget() -> int:
     """Bytes of decoded slices kept in memory rather than read every epoch: an eighth of the RAM, at most 4 GB."""
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
@@ -170,8 +177,6 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError(f"data={source} needs data.root=DIR, the folder that holds the dataset.")
         if balance not in ("none", "undersample"):
             raise ValueError(f"Unknown data.balance '{balance}': use none or undersample.")
-        if source == "images" and context:
-            raise ValueError("data.context needs slice positions, which PNG/JPG folders lack: set data.context=0.")
         if source == "images" and cache:
             raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
         if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
@@ -249,13 +254,20 @@ class ICHDataModule(pl.LightningDataModule):
 
     def _image_table(self) -> pd.DataFrame:
         table = read_image_table(self.root, Path(self.labels).expanduser(), self.task.outputs)
-        table["patient"] = [pseudonym(p) for p in table["patient"]]
+        for column in ("patient", "series", "study"):
+            if column in table:
+                table[column] = [pseudonym(value) for value in table[column]]
         exists = np.array([Path(p).is_file() for p in table["path"]])
         missing = table.loc[~exists, "filename"]
         if len(missing):
             log.warning("Skipped %d labelled images with no file: %s", len(missing), ", ".join(missing.head(10)))
         self.summary["skipped"] = {"missing_file": int(len(missing))}
-        return table[exists].reset_index(drop=True)
+        table = table[exists].reset_index(drop=True)
+        if "position" in table:  # a `slice` column: each series together, in slice order, as a DICOM index
+            table = add_slice_order(table)
+        if self.context:
+            check_slice_order(table, f"data.context={self.context}")
+        return table
 
     def prepare_data(self) -> None:
         """Write or check the phantom, the index and the slice cache; once a run, however often Lightning calls."""
@@ -342,6 +354,19 @@ class ICHDataModule(pl.LightningDataModule):
             return loader
         log.info("Reading the %d slices into memory once (%.0f MB) instead of every epoch", len(index), needed / 1e6)
         return MemoryLoader(loader, len(index), self.image_size)
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """Every usable slice of the source, in index order: each series together, in slice order."""
+        return self._full_index()
+
+    def every_slice(self) -> SliceDataset:
+        """Every slice of the index in index order, as the test stage reads them (no augmentation), whichever
+        slices the task and the filters keep: what a second stage embeds (ich.embeddings). After setup."""
+        index = self._full_index()
+        loader = self.datasets["test"].loader  # every stage reads through the same loader
+        return SliceDataset(neighbour_rows(index, self.context), task_targets(index, self.task),
+                            as_bytes(index["image_id"]), loader)
 
     # -- what the model needs to know -----------------------------------------------------------
     @property

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 RSNA_LABEL_FILES = ("stage_2_train.csv", "stage_1_train.csv")
 RSNA_IMAGE_DIRS = ("stage_2_train", "stage_2_train_images", "stage_1_train_images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Optional columns of an image folder's CSV that order its slices: the series (default: the patient) and
+# the slice's number along the head.
+ORDER_COLUMNS = ("series", "slice")
 
 
 def find_rsna_labels(root: Path) -> Path:
@@ -80,10 +83,12 @@ def read_rsna_labels(csv_path: Path) -> pd.DataFrame:
 
 
 def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV of already windowed PNG/JPG slices: `filename`, optional `patient`, label columns.
+    """Read a CSV of already windowed PNG/JPG slices: `filename`, optional `patient`, label columns, and
+    optionally `slice` (its number along the head) and `series` (default: the patient).
 
     `required` are the labels the task needs; absent ones are an error, the others are filled
-    with 0 so that every table has all six columns.
+    with 0 so that every table has all six columns. With a `slice` column the table gets `position`
+    and `series`, and `study` = the series (an exam), so slices can be ordered as a DICOM series is.
     """
     if not labels_csv.is_file():
         raise FileNotFoundError(f"Label file {labels_csv} not found: set data.labels to a CSV with a 'filename' column.")
@@ -93,7 +98,7 @@ def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) ->
     absent = [name for name in required if name not in table.columns]
     if absent:
         raise ValueError(f"{labels_csv}: the task needs label column(s) {absent}; present are {list(table.columns)}.")
-    unknown = [c for c in table.columns if c not in (*LABELS, "filename", "patient")]
+    unknown = [c for c in table.columns if c not in (*LABELS, "filename", "patient", *ORDER_COLUMNS)]
     if unknown:
         log.warning("%s: ignoring columns %s (not a label name of %s)", labels_csv.name, unknown, ", ".join(LABELS))
     for name in LABELS:
@@ -106,6 +111,17 @@ def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) ->
             labels_csv.name,
         )
         table["patient"] = table["filename"]
+    if "slice" in table.columns:
+        position = pd.to_numeric(table["slice"], errors="coerce")
+        if position.isna().any():
+            example = table.loc[position.isna(), "slice"].iloc[0]
+            raise ValueError(f"{labels_csv}: column 'slice' has {example!r}; give each image its slice number.")
+        table["position"] = position.astype(float)
+        table["series"] = table["series"].astype(str) if "series" in table.columns else table["patient"]
+        table["study"] = table["series"]
+    elif "series" in table.columns:
+        log.warning("%s has a 'series' column but no 'slice' column: the slices' order is unknown", labels_csv.name)
+        table = table.drop(columns="series")
     table["path"] = [str(root / name) for name in table["filename"]]
     table["image_id"] = [Path(name).stem for name in table["filename"]]
     return table
