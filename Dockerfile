@@ -24,7 +24,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ich ./ich
 COPY conf ./conf
-COPY train.py evaluate.py extract.py fit_classical.py ./
+COPY train.py evaluate.py extract.py fit_classical.py predict.py ./
 RUN pip freeze | grep -iE '^(torch|torchvision)==' > /tmp/base-torch.txt \
     && pip install --constraint /tmp/base-torch.txt --editable . \
     && python -c "import ich.train"

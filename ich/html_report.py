@@ -29,6 +29,7 @@ from ich.results import write_atomic
 DPI = 110  # as the PNG files of ich.plots
 MISSING = "\u2013"  # a metric metrics.json does not hold
 Tile = tuple[np.ndarray, str]  # a windowed slice (HxW or HxWx3 uint8) and its caption
+FOOTER = "Written by ich: one self-contained page (no scripts, fonts or links); patients are counted, not listed."
 
 STYLE = """
 :root { --ink: #1d2329; --muted: #5b6670; --rule: #d5dbe1; --band: #f2f5f8; --accent: #1f5fa8; }
@@ -56,6 +57,9 @@ ul.every { columns: 3 20em; padding: 0; margin: 0; list-style: none; font-size: 
 ul.every li { display: flex; justify-content: space-between; gap: 1em; break-inside: avoid;
               border-bottom: 1px dotted var(--rule); font-variant-numeric: tabular-nums; }
 footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
+.verdict { font-weight: 600; } .verdict.positive { color: #a3121f; } .verdict.negative { color: #1d6b35; }
+p.verdict { font-size: 16px; margin: 4px 0 10px; }
+.tiles.heatmaps { grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); }
 @page { size: A4; margin: 12mm; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11px; }
@@ -152,7 +156,7 @@ def write_report(
         _tiles_section(tiles or {}),
         _every_metric_section(metrics),
     ])
-    document = _page(title, body)
+    document = page(title, body)
     write_atomic(path, lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return path
 
@@ -166,7 +170,7 @@ def _about_section(about: Mapping[str, str], metrics: Mapping, predictions: pd.D
     rows.append(("positive slices", ", ".join(f"{name} {output_truth(predictions, name).sum():,}" for name in outputs)))
     cells = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
                     for key, value in rows)
-    return _section("about", "What was evaluated", f'<table class="about">{cells}</table>')
+    return section("about", "What was evaluated", f'<table class="about">{cells}</table>')
 
 
 def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Sequence[str], fixed_threshold: float,
@@ -211,7 +215,7 @@ def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Seque
     if categorical:
         note += " At highest probability: the subtype given the highest probability is the prediction."
     table = f'<table class="metrics">{head}<tbody>{"".join(rows)}</tbody></table>'
-    return _section("metrics", "Metrics", table, note)
+    return section("metrics", "Metrics", table, note)
 
 
 def _row(name: str, count: str, cells: list[str], summary: bool = False) -> str:
@@ -240,7 +244,7 @@ def _interval(metrics: Mapping, name: str, suffix: str) -> str:
 def _curves_section(predictions: pd.DataFrame, outputs: Sequence[str], points: Mapping[str, float],
                     fixed: float | None, chosen: bool) -> str:
     figures = [
-        _figure(_curve_figure(name, output_truth(predictions, name), predictions[f"prob_{name}"].to_numpy(),
+        figure_tag(_curve_figure(name, output_truth(predictions, name), predictions[f"prob_{name}"].to_numpy(),
                               points[name], fixed, chosen), f"ROC and precision-recall curves of {name}")
         for name in outputs
     ]
@@ -249,7 +253,7 @@ def _curves_section(predictions: pd.DataFrame, outputs: Sequence[str], points: M
     else:
         note = "The red dot marks the operating point (the model's threshold, chosen on validation)"
         note += f"; the open square, threshold {fixed:g}." if fixed is not None else "."
-    return _section("curves", "ROC and precision-recall curves", "".join(figures), note)
+    return section("curves", "ROC and precision-recall curves", "".join(figures), note)
 
 
 def _curve_figure(name: str, truth: np.ndarray, probs: np.ndarray, point: float, fixed: float | None,
@@ -309,7 +313,7 @@ def _calibration_section(predictions: pd.DataFrame, outputs: Sequence[str]) -> s
     ax.set_title("Reliability (10 equal-mass bins)", fontsize=10)
     note = (f"The slices sorted by probability, cut into 10 bins of about {len(predictions) / 10:.0f} each: a "
             "calibrated model's points lie on the diagonal; below it, the model is over-confident.")
-    return _section("calibration", "Calibration", _figure(figure, "reliability diagram"), note)
+    return section("calibration", "Calibration", figure_tag(figure, "reliability diagram"), note)
 
 
 def _confusion_section(predictions: pd.DataFrame, outputs: Sequence[str], points: Mapping[str, float],
@@ -320,17 +324,17 @@ def _confusion_section(predictions: pd.DataFrame, outputs: Sequence[str], points
          ("no", "yes"))
         for name in outputs
     ]
-    figures = [_figure(_confusion_figure(panels, side=3.4), "confusion matrices at the operating point")]
+    figures = [figure_tag(_confusion_figure(panels, side=3.4), "confusion matrices at the operating point")]
     if categorical:
         truth = predictions["target"].map({name: k for k, name in enumerate(outputs)}).to_numpy()
         predicted = predictions[[f"prob_{name}" for name in outputs]].to_numpy().argmax(axis=1)
         counts = confusion_counts(truth, predicted, len(outputs))
-        figures.append(_figure(_confusion_figure([("subtype (highest probability)", counts, outputs)], side=5.6),
+        figures.append(figure_tag(_confusion_figure([("subtype (highest probability)", counts, outputs)], side=5.6),
                                "confusion matrix of the subtypes"))
     note = "Rows are the truth, columns the prediction; each cell holds the count and the share of its row."
     if not chosen:
         note = "No operating thresholds were given: each output at the fixed threshold. " + note
-    return _section("confusion", "Confusion matrices at the operating point", "".join(figures), note)
+    return section("confusion", "Confusion matrices at the operating point", "".join(figures), note)
 
 
 def _confusion_figure(panels: list[tuple[str, np.ndarray, Sequence[str]]], side: float) -> Figure:
@@ -347,16 +351,17 @@ def _confusion_figure(panels: list[tuple[str, np.ndarray, Sequence[str]]], side:
 
 def _tiles_section(tiles: Mapping[str, Sequence[Tile]]) -> str:
     if not tiles:
-        return _section("cases", "Worst mistakes", "", "No slices were given for this report.")
+        return section("cases", "Worst mistakes", "", "No slices were given for this report.")
     parts = []
     for heading, cases in tiles.items():
-        grid = "".join(_tile(image, caption) for image, caption in cases) or '<p class="note">none</p>'
+        grid = "".join(tile_tag(image, caption) for image, caption in cases) or '<p class="note">none</p>'
         parts.append(f"<h3>{html.escape(heading)}</h3><div class=\"tiles\">{grid}</div>")
     note = "The windowed slices the model got most wrong at the operating point, most confident first."
-    return _section("cases", "Worst mistakes", "".join(parts), note)
+    return section("cases", "Worst mistakes", "".join(parts), note)
 
 
-def _tile(image: np.ndarray, caption: str) -> str:
+def tile_tag(image: np.ndarray, caption: str) -> str:
+    """A windowed slice (HxW or HxWx3 uint8) inline as a captioned PNG tile of a `tiles` grid."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
         raise ValueError(f"A tile is a windowed slice as HxW or HxWx3 uint8, not {image.dtype} {image.shape}: "
@@ -372,7 +377,7 @@ def _tile(image: np.ndarray, caption: str) -> str:
 def _every_metric_section(metrics: Mapping) -> str:
     items = "".join(f"<li><span>{html.escape(key)}</span><span>{_value(metrics, key, _form(key, value))}</span></li>"
                     for key, value in sorted(metrics.items()))
-    return _section("every-metric", "Every value in metrics.json", f'<ul class="every">{items}</ul>')
+    return section("every-metric", "Every value in metrics.json", f'<ul class="every">{items}</ul>')
 
 
 def _form(key: str, value: float | None) -> str:
@@ -391,7 +396,7 @@ def write_summary(path: Path | str, table: pd.DataFrame, metric: str, *, title: 
         title: the page's heading (ich.report's markdown heading: jobs, sort order).
     """
     path = Path(path)
-    chart = _figure(summary_figure(table, metric), f"{metric} per job")
+    chart = figure_tag(summary_figure(table, metric), f"{metric} per job")
     words = ("run", "status", "job")
     head = "".join(f"<th>{html.escape(str(column))}</th>" if column in words else
                    f'<th class="num">{html.escape(str(column))}</th>' for column in table.columns)
@@ -399,10 +404,10 @@ def write_summary(path: Path | str, table: pd.DataFrame, metric: str, *, title: 
         "<tr>" + "".join(_summary_cell(value) for value in row) + "</tr>"
         for row in table.itertuples(index=False)
     )
-    body = (_section("chart", f"{metric} per job", chart)
-            + _section("jobs", "Jobs", f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
+    body = (section("chart", f"{metric} per job", chart)
+            + section("jobs", "Jobs", f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
                        f"{MISSING}: the job has no value (failed, still running, or the metric is undefined)."))
-    document = _page(title, body)
+    document = page(title, body)
     write_atomic(path, lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return path
 
@@ -436,7 +441,8 @@ def summary_figure(table: pd.DataFrame, metric: str) -> Figure:
 # --- the page -----------------------------------------------------------------------------------------
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str, footer: str = FOOTER) -> str:
+    """The whole self-contained document: the style sheet inline, `body` (sections), and `footer` as given."""
     heading = html.escape(title)
     return f"""<!doctype html>
 <html lang="en">
@@ -452,18 +458,20 @@ def _page(title: str, body: str) -> str:
 <main>
 {body}
 </main>
-<footer>Written by ich: one self-contained page (no scripts, fonts or links); patients are counted, not listed.</footer>
+<footer>{html.escape(footer)}</footer>
 </body>
 </html>
 """
 
 
-def _section(anchor: str, heading: str, body: str, note: str = "") -> str:
+def section(anchor: str, heading: str, body: str, note: str = "") -> str:
+    """One titled section of a page, reachable as #anchor, with an optional muted note under its heading."""
     shown = f'<p class="note">{html.escape(note)}</p>' if note else ""
     return f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>{shown}{body}</section>'
 
 
-def _figure(figure: Figure, alt: str) -> str:
+def figure_tag(figure: Figure, alt: str) -> str:
+    """A matplotlib figure inline as a PNG: the page needs no file beside it."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     return f'<figure><img src="{_data_uri(buffer.getvalue())}" alt="{html.escape(alt)}"></figure>'

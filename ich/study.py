@@ -101,7 +101,7 @@ class Series:
             return name
         thickness = "" if math.isnan(self.thickness) else f", {self.thickness:g} mm"
         kernel = f", kernel {self.kernel}" if self.kernel else ""
-        return f"{name}: {len(self.slices)} slices{thickness}{kernel}"
+        return f"{name}: {len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}{thickness}{kernel}"
 
 
 @dataclass
@@ -269,11 +269,11 @@ def _unusable(ds: Dataset) -> tuple[str, str]:
     rows, columns = int(tag_value(ds, "Rows", 0) or 0), int(tag_value(ds, "Columns", 0) or 0)
     modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: CT, as ich.data.dicom reads it
     if rows <= 0 or columns <= 0:
-        return "no_pixel_data", f"no image (a {modality} object: a report, not a picture)"
+        return "no_pixel_data", f"no image: a {modality} object without pixels (a report)"
     samples = int(tag_value(ds, "SamplesPerPixel", 1) or 1)
     photometric = str(tag_value(ds, "PhotometricInterpretation", "")).strip()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return "not_monochrome", f"a {photometric or 'colour'} image with {samples} samples per pixel (a screenshot)"
+        return "not_monochrome", f"{photometric or 'colour'} pixels, {samples} samples per pixel (a screenshot)"
     frames = int(first_float(tag_value(ds, "NumberOfFrames", 1) or 1))
     if frames > 1:
         return "multi_frame", f"{frames} frames in one file, not one CT slice"

@@ -1,6 +1,9 @@
 """Shared test setup: offline, a private cache, the real config and a small phantom on real DICOMs."""
 
 import os
+import re
+import shutil
+import subprocess
 
 # Before anything imports timm, wandb or albumentations: no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -56,3 +59,39 @@ def make_datamodule(cache_dir, tmp_path, **kwargs):
     dm.prepare_data()
     dm.setup()
     return dm
+
+
+# --- report.html in a real browser ------------------------------------------------------------------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# Appended to a copy of the page in the browser test only: the reports themselves hold no script.
+PROBE = ('<script>addEventListener("load", () => { document.body.dataset.widths = '
+         'Array.from(document.images, image => image.naturalWidth).join(","); });</script>')
+
+
+def open_in_chromium(path, tmp_path) -> tuple:
+    """Open a written page in headless Chromium, failing on any console message (errors, failed loads).
+
+    Returns the screenshot (a PNG path) and the natural width of every image of the page in document order
+    (0 for an image that did not decode). Skips the test where no Chromium is installed.
+    """
+    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("no chromium on PATH: apt-get install -y chromium")
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        # Chromium prints each console message (errors, failed loads) as a line with `:CONSOLE` on stderr
+        command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                   f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *arguments]
+        opened = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+        console = [line for line in opened.stderr.splitlines() if ":CONSOLE" in line]
+        assert not console, "\n".join(console)
+        return opened
+
+    screenshot = tmp_path / "screenshot.png"
+    run(f"--screenshot={screenshot}", "--window-size=1280,2000", path.as_uri())
+    probe = tmp_path / "probe.html"
+    probe.write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    widths = re.search(r'data-widths="([^"]*)"', run("--dump-dom", probe.as_uri()).stdout)
+    assert widths, "the page did not load"
+    return screenshot, [int(width) for width in widths.group(1).split(",") if width]

@@ -2,14 +2,13 @@
 
 import base64
 import re
-import shutil
-import subprocess
 
 import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import open_in_chromium
 from ich.html_report import worst_cases, write_report, write_summary
 from ich.privacy import pseudonym
 from ich.tasks import SUBTYPES
@@ -17,10 +16,6 @@ from ich.tasks import SUBTYPES
 SECTIONS = {"about": "What was evaluated", "metrics": "Metrics", "curves": "ROC and precision-recall curves",
             "calibration": "Calibration", "confusion": "Confusion matrices at the operating point",
             "cases": "Worst mistakes", "every-metric": "Every value in metrics.json"}
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-# Appended to a copy of the page in the browser test only: the report itself holds no script.
-PROBE = ('<script>addEventListener("load", () => { document.body.dataset.widths = '
-         'Array.from(document.images, image => image.naturalWidth).join(","); });</script>')
 
 
 def synthetic_predictions(categorical: bool) -> tuple[pd.DataFrame, tuple[str, ...]]:
@@ -153,28 +148,8 @@ def test_the_sweep_summary_shows_every_job_and_a_chart(tmp_path):
 
 @pytest.mark.slow
 def test_the_report_opens_in_chromium_without_console_errors_every_image_decodes_and_it_is_not_blank(tmp_path):
-    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
-    if browser is None:
-        pytest.skip("no chromium on PATH: apt-get install -y chromium")
     path, _, _ = write_example(tmp_path)
-    page = path.read_text(encoding="utf-8")
-
-    def open_in_browser(*arguments: str) -> subprocess.CompletedProcess:
-        # Chromium prints each console message (errors, failed loads) as a line with `:CONSOLE` on stderr
-        command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                   f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *arguments]
-        opened = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-        console = [line for line in opened.stderr.splitlines() if ":CONSOLE" in line]
-        assert not console, "\n".join(console)
-        return opened
-
-    screenshot = tmp_path / "screenshot.png"
-    open_in_browser(f"--screenshot={screenshot}", "--window-size=1280,2000", path.as_uri())
+    screenshot, widths = open_in_chromium(path, tmp_path)
     assert matplotlib.image.imread(screenshot).std() > 0.05  # not a blank page
-
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = open_in_browser("--dump-dom", probe.as_uri()).stdout
-    widths = re.search(r'data-widths="([^"]*)"', dom)
-    assert widths, "the page did not load"
-    assert [int(width) > 0 for width in widths.group(1).split(",")] == [True] * len(images_of(page))
+    assert len(widths) == len(images_of(path.read_text(encoding="utf-8")))
+    assert all(width > 0 for width in widths)

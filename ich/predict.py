@@ -1,0 +1,515 @@
+"""Predict every study of a new DICOM folder: `run(cfg)` is what `python predict.py ckpt_path=... input=...` calls.
+
+The folder is read as a hospital exports it (ich.study): files are grouped by study and series from their
+headers alone, and each study is read on its axial CT series, the others skipped with their reason. Each
+eligible series is predicted slice by slice as the model was trained (the checkpoint's windows, context and
+size, through ich.deploy), its exam probability is its highest slice probability (ich.operating.exam_scores),
+and the study is answered by one series chosen by a fixed rule (ich.study.choice_key), the others listed. It
+streams: one study's pixels at a time, no index and no slice cache of the folder.
+
+Outputs, in the run's own folder: studies.csv, slices.csv, series.csv, skipped_files.csv, heatmaps/ and
+report.html. They carry pseudonyms (ich.privacy), never names, birth dates, PatientID, UIDs or file paths,
+unless keep_ids=true asks for StudyInstanceUID, AccessionNumber and paths.
+"""
+
+import html
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from ich.data.datamodule import neighbour_rows
+from ich.data.dicom import DicomReadError, read_hu_square
+from ich.deploy import EXPORT_FORMATS, HUModel, checkpoint_file, load_deployed, operating_point_chosen
+from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
+from ich.html_report import figure_tag, page, section, tile_tag
+from ich.operating import HEADLINE_LABEL, exam_scores
+from ich.sequence import SequenceLitModule, is_stage_two, predict_series
+from ich.privacy import pseudonym
+from ich.results import write_atomic
+from ich.study import ImageFile, Scan, Series, Study, choice_key, input_folder, scan_folder
+
+log = logging.getLogger(__name__)
+
+STRIP_THUMBNAILS = 20  # slices shown above the probability curve of a series (evenly spread)
+THUMBNAIL_PX = 64
+FOOTER = ("Written by ich predict.py: one self-contained page (no scripts, fonts or links). Studies are named by "
+          "pseudonyms unless keep_ids=true. A research tool, not a medical device: every finding needs a radiologist.")
+
+
+@dataclass
+class SeriesResult:
+    """One predicted series: its slices as read (in position order), their probabilities and its exam score."""
+
+    series: Series
+    positions: np.ndarray  # mm along the slice normal, per slice read
+    probs: np.ndarray  # float32 [N, K]
+    hu: np.ndarray  # int16 [N, S, S] as the model read them (kept for the chosen series' figures)
+    stacks: np.ndarray  # int [N, 2k+1]: each slice's context rows
+    exam: np.ndarray  # float [K]: the series' exam probability per output (Predictor.exam_rule)
+
+
+@dataclass
+class StudyResult:
+    study: Study
+    results: list[SeriesResult]
+    chosen: SeriesResult | None
+
+
+# --- the model, whichever file it comes in ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """What prediction needs of a model: its outputs and thresholds, how its inputs are made, and one call per
+    series. A stage-1 model (a checkpoint or an exported file, through ich.deploy) scores each slice alone and its
+    exam is its highest slice; a stage-2 sequence model (ich.sequence) reads the whole ordered series."""
+
+    labels: tuple[str, ...]
+    thresholds: np.ndarray  # [K], a probability at or above its threshold is called
+    thresholds_chosen: bool  # chosen on the validation patients; False: the fixed threshold, no operating point
+    task: str
+    inputs: dict  # windows, context, image_size (the checkpoint's, or its encoder's)
+    source: Path
+    exam_rule: str  # how a series' exam probability is made, in words for the report
+    # int16 HU [N, S, S] in position order, each slice's context rows [N, 2k+1], positions [N] ->
+    # slice probabilities [N, K] and exam probabilities [K]
+    series: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    module: HUModel | None = None  # the stage-1 torch model that heat maps take gradients of; None: no heat maps
+
+
+def load_predictor(ckpt_path: str, batch_size: int) -> Predictor:
+    """A run folder, a .ckpt (stage 1 or a stage-2 sequence model), or an exported .onnx / .pt file."""
+    path = Path(ckpt_path).expanduser()
+    if path.suffix not in EXPORT_FORMATS:
+        checkpoint = checkpoint_file(path)
+        if is_stage_two(checkpoint):
+            return sequence_predictor(checkpoint, batch_size)
+    deployed = load_deployed(path)
+
+    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.concatenate([deployed(hu[stacks[start:start + batch_size]])
+                                for start in range(0, len(stacks), batch_size)])
+        one_exam = np.zeros(len(probs))  # an exam's score is its highest slice probability (ich.operating)
+        return probs, np.array([exam_scores(probs[:, k], one_exam, one_exam)[0][0] for k in range(probs.shape[1])])
+
+    return Predictor(labels=tuple(deployed.labels), thresholds=deployed.thresholds,
+                     thresholds_chosen=deployed.thresholds_chosen, task=deployed.task, inputs=deployed.inputs,
+                     source=deployed.source, exam_rule="its highest slice probability", series=series,
+                     module=deployed.module)
+
+
+def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
+    """A stage-2 checkpoint: its encoder makes each slice's features, the sequence model reads the series."""
+    model = SequenceLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    encoder = HUModel(model.encoder()).eval()  # the encoder's inputs made from HU, as ich.deploy makes them
+    thresholds = model.op_thresholds.cpu().numpy().astype(np.float32)
+    temperature = float(model.temperature)
+
+    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            planes = torch.cat([encoder.planes(torch.from_numpy(hu[stacks[start:start + batch_size]]))
+                                for start in range(0, len(stacks), batch_size)])
+        return predict_series(model, planes, positions=positions, batch_size=batch_size)
+
+    return Predictor(labels=tuple(model.task.outputs), thresholds=thresholds,
+                     thresholds_chosen=operating_point_chosen(thresholds, float(model.hparams.threshold), temperature),
+                     task=model.task.name, inputs=dict(model.hparams.inputs), source=checkpoint,
+                     exam_rule="the sequence model's exam output over the ordered series", series=series,
+                     module=encoder)
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    """Predict every study under `cfg.input` with `cfg.ckpt_path`; returns studies.csv as a table."""
+    for key in ("ckpt_path", "input"):
+        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
+            raise ValueError(f"predict.py needs {key}=PATH: e.g. python predict.py ckpt_path=outputs/<date>/<time> "
+                             "input=/data/exports/2026-12-01")
+    if int(cfg.min_slices) < 1 or int(cfg.batch_size) < 1:
+        raise ValueError(f"min_slices={cfg.min_slices} and batch_size={cfg.batch_size} count slices: give each at least 1.")
+    model = load_predictor(str(cfg.ckpt_path), int(cfg.batch_size))
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    keep_ids = bool(cfg.keep_ids)
+    if keep_ids:
+        log.warning("keep_ids=true: studies.csv, slices.csv, skipped_files.csv and report.html carry StudyInstanceUID, "
+                    "AccessionNumber and file paths; keep them inside the hospital.")
+    outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
+    with input_folder(cfg.input) as folder:
+        scan = scan_folder(folder, int(cfg.min_slices))
+        if not scan.files:
+            raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")
+        log.info("%d files: %d studies, %d files in no study", scan.files, len(scan.studies), len(scan.loose))
+        for study in tqdm(scan.studies, desc="Predicting studies", unit="study", disable=None):
+            outputs.add(predict_study(study, model, int(cfg.min_slices)), folder)
+        outputs.finish(scan, str(cfg.input) if keep_ids else None)
+    return outputs.studies_table()
+
+
+def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResult:
+    """Predict each eligible series of one study and choose the one that answers for it (ich.study.choice_key).
+
+    A slice whose pixels do not read is left out and listed; a series left with fewer than `min_slices` slices
+    is skipped as too_few_slices.
+    """
+    results = []
+    size, context = int(model.inputs["image_size"]), int(model.inputs["context"])
+    for series in study.eligible:
+        planes, kept = [], []
+        for image in series.slices:
+            try:
+                planes.append(read_hu_square(image.path, size))
+                kept.append(image)
+            except DicomReadError as err:
+                detail = str(err).replace(str(image.path), "the file")  # a path may name the patient
+                series.left_out.append(replace(image, reason=err.reason, detail=detail))
+        series.slices = kept
+        if len(kept) < min_slices:
+            series.reason = "too_few_slices"
+            continue
+        hu = np.stack(planes)
+        order = pd.DataFrame({"series": series.key, "slice_index": np.arange(len(kept)), "series_length": len(kept)})
+        stacks = neighbour_rows(order, context)  # training's rule: true neighbours, the edge slice repeated
+        positions = np.array([image.position for image in kept])
+        probs, exam = model.series(hu, stacks, positions)
+        results.append(SeriesResult(series, positions, probs, hu, stacks, exam))
+    chosen = min(results, key=lambda result: choice_key(result.series), default=None)
+    for result in results:  # only the chosen series' pixels are drawn; the others' are freed now
+        if result is not chosen:
+            result.hu = result.hu[:0]
+    return StudyResult(study, results, chosen)
+
+
+# --- what a study's numbers say ---------------------------------------------------------------------
+
+
+def headline_output(labels: tuple[str, ...], task: str, exam: np.ndarray) -> int:
+    """The output a study's verdict and heat maps follow: `any`, a binary model's one label, or (subtype) the
+    most probable subtype."""
+    if task == "subtype":
+        return int(np.argmax(exam))
+    return labels.index(HEADLINE_LABEL) if HEADLINE_LABEL in labels else 0
+
+
+def verdict(labels: tuple[str, ...], task: str, exam: np.ndarray, thresholds: np.ndarray) -> tuple[str, bool]:
+    """The study's answer in words, and whether it is positive (at the thresholds, as every decision here)."""
+    called = exam >= thresholds
+    headline = headline_output(labels, task, exam)
+    if task == "subtype":  # a softmax over the five subtypes says which kind, assuming there is a hemorrhage
+        return f"most likely {labels[headline]} (a subtype model assumes a hemorrhage)", True
+    name = "hemorrhage" if labels[headline] == HEADLINE_LABEL else labels[headline]
+    others = [label for label, on in zip(labels, called) if on and label != labels[headline]]
+    if called[headline]:
+        return name + (f": {', '.join(others)}" if others else ""), True
+    if others:
+        return f"no {name} by `{labels[headline]}`; {', '.join(others)} above threshold", False
+    return f"no {name}", False
+
+
+# --- the run's files ----------------------------------------------------------------------------------
+
+
+class Outputs:
+    """Rows of the CSV files and sections of the report, added study by study, written at the end."""
+
+    def __init__(self, model: Predictor, output_dir: Path, keep_ids: bool, heatmaps: int):
+        self.model, self.output_dir, self.keep_ids, self.heatmaps = model, output_dir, keep_ids, heatmaps
+        self.labels = tuple(model.labels)
+        self.thresholds = np.asarray(model.thresholds, dtype=np.float64)
+        self.studies: list[dict] = []
+        self.slices: list[pd.DataFrame] = []
+        self.series: list[dict] = []
+        self.skipped: list[dict] = []
+        self.sections: list[str] = []
+        self.stage = last_stage(model.module) if model.module is not None and heatmaps > 0 else None
+        (output_dir / "heatmaps").mkdir(exist_ok=True)
+
+    def ids(self, study: Study) -> dict:
+        return {"study_uid": study.uid, "accession": study.accession} if self.keep_ids else {}
+
+    def file_name(self, image: ImageFile, root: Path) -> str:
+        """The file as the user finds it (keep_ids=true), else a pseudonym: folder names often hold patient names."""
+        relative = str(image.path.relative_to(root))
+        return relative if self.keep_ids else pseudonym(relative)
+
+    def add(self, result: StudyResult, root: Path) -> None:
+        study, chosen = result.study, result.chosen
+        for series in study.series:
+            left_out = series.left_out + ([replace(image, reason=series.reason, detail="its series has fewer usable "
+                                                   "slices than min_slices") for image in series.slices]
+                                          if series.reason else [])
+            self.skipped += [{"study": study.key, "series": series.key, "file": self.file_name(image, root),
+                              "reason": image.reason, "detail": image.detail} for image in left_out]
+        row = {"study": study.key, "patient": study.patient, **self.ids(study)}
+        if chosen is None:
+            row.update(verdict="not read: no usable axial CT series", positive=np.nan, slices=0, series="", series_key="")
+            row.update({f"prob_{label}": np.nan for label in self.labels})
+        else:
+            exam = chosen.exam
+            text, positive = verdict(self.labels, self.model.task, exam, self.thresholds)
+            row.update(verdict=text, positive=int(positive), slices=len(chosen.probs),
+                       series=chosen.series.describe(), series_key=chosen.series.key)
+            row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
+            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, exam, self.thresholds)})
+        row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
+        row["operating_point"] = self.operating_point()
+        row["other_series"] = "; ".join(
+            f"{r.series.describe()}: " + ", ".join(f"p({label}) {p:.3f}" for label, p in zip(self.labels, r.exam))
+            for r in result.results if r is not chosen)
+        row["skipped"] = "; ".join(skipped_lines(study))
+        self.studies.append(row)
+        for r in result.results:
+            table = pd.DataFrame({"study": study.key, "series": r.series.key, "used": int(r is chosen),
+                                  "rank": np.arange(1, len(r.probs) + 1), "position_mm": np.round(r.positions, 2)})
+            for k, label in enumerate(self.labels):
+                table[f"prob_{label}"] = r.probs[:, k]
+            for key, value in self.ids(study).items():
+                table[key] = value
+            self.slices.append(table)
+        by_series = {id(r.series): r for r in result.results}
+        for series in study.series:
+            r = by_series.get(id(series))
+            self.series.append({
+                "study": study.key, "series": series.key, "number": series.number,
+                "role": "used" if r is not None and r is chosen else "predicted" if r is not None else "skipped",
+                "reason": series.reason, "slices": len(series.slices), "files_left_out": sum(series.skipped.values()),
+                "left_out": ", ".join(f"{reason}: {count}" for reason, count in sorted(series.skipped.items())),
+                "thickness_mm": round(series.thickness, 3) if series.slices else np.nan, "kernel": series.kernel,
+                **{f"prob_{label}": float(r.exam[k]) if r is not None else np.nan for k, label in enumerate(self.labels)},
+            })
+        tiles = self.draw_heatmaps(study, chosen) if chosen is not None and row["positive"] == 1 else []
+        self.sections.append(self.study_section(row, result, tiles))
+
+    def operating_point(self) -> str:
+        if self.model.thresholds_chosen:
+            return "chosen on the validation patients"
+        return "none chosen: the fixed threshold " + ", ".join(f"{t:g}" for t in sorted(set(self.thresholds)))
+
+    # --- heat maps --------------------------------------------------------------------------------
+
+    def heatmap_note(self) -> str:
+        if self.heatmaps <= 0:
+            return "Heat maps were not asked for (heatmaps=0)."
+        if self.model.module is None:
+            return (f"No heat maps: {self.model.source.name} is an exported model, and Grad-CAM needs the torch "
+                    "checkpoint (pass its .ckpt or run folder as ckpt_path).")
+        if self.stage is None:
+            return f"No heat maps: backbone {self.model.module.model.hparams.backbone} has no feature maps."
+        return (f"Heat maps: Grad-CAM on the backbone's last stage ({self.stage[0]}) for the {self.heatmaps} most "
+                "suspicious slices of each positive study: the slice in the brain window, and under its map (red: "
+                "the regions that raised the score most; each map scaled to its own maximum).")
+
+    def draw_heatmaps(self, study: Study, chosen: SeriesResult) -> list[tuple[np.ndarray, str]]:
+        """The most suspicious slices of the chosen series beside their Grad-CAM, written to heatmaps/ and returned
+        as report tiles."""
+        if self.stage is None:
+            return []
+        output = headline_output(self.labels, self.model.task, chosen.exam)
+        ranks = np.argsort(-chosen.probs[:, output], kind="stable")[: self.heatmaps]
+        maps = grad_cam(self.model.module, chosen.hu[chosen.stacks[ranks]], output)
+        tiles = []
+        for rank, cam in zip(ranks, maps):
+            image = side_by_side(chosen.hu[rank], cam)
+            name = f"{study.key}_{chosen.series.key}_slice{rank + 1:03d}.png"
+            matplotlib.image.imsave(self.output_dir / "heatmaps" / name, image)
+            caption = (f"slice {rank + 1} of {len(chosen.probs)} ({chosen.positions[rank]:.1f} mm)\n"
+                       f"p({self.labels[output]}) = {chosen.probs[rank, output]:.3f}")
+            tiles.append((image, caption))
+        return tiles
+
+    # --- the report -------------------------------------------------------------------------------
+
+    def study_section(self, row: dict, result: StudyResult, tiles: list[tuple[np.ndarray, str]]) -> str:
+        study, chosen = result.study, result.chosen
+        name = study_name(row, self.keep_ids)
+        if chosen is None:
+            body = f'<p class="verdict none">{html.escape(row["verdict"])}</p>' + self.skipped_html(study)
+            return section(f"study-{study.key}", name, body)
+        kind = "positive" if row["positive"] else "negative"
+        parts = [f'<p class="verdict {kind}">{html.escape(row["verdict"])}</p>', self.outputs_table(row)]
+        parts.append(f'<p>Read on <b>{html.escape(chosen.series.describe())}</b>, the series the rule picks '
+                     "(a soft-tissue kernel first, then the thickness closest to 5 mm, then the most slices).</p>")
+        if row["other_series"]:
+            parts.append(f'<p class="note">Also predicted: {html.escape(row["other_series"])}.</p>')
+        parts.append(figure_tag(self.strip_figure(chosen), "the series' slices and the probability per slice"))
+        if tiles:
+            grid = "".join(tile_tag(image, caption) for image, caption in tiles)
+            parts.append(f'<h3>Most suspicious slices</h3><div class="tiles heatmaps">{grid}</div>')
+        parts.append(self.skipped_html(study))
+        return section(f"study-{study.key}", name, "".join(parts))
+
+    def outputs_table(self, row: dict) -> str:
+        head = ('<thead><tr><th>output</th><th class="num">exam probability</th><th class="num">threshold</th>'
+                "<th>decision</th></tr></thead>")
+        cells = []
+        for label in self.labels:
+            probability, threshold = row[f"prob_{label}"], row[f"threshold_{label}"]
+            decision = "above: called" if probability >= threshold else "below"
+            cells.append(f'<tr><td>{html.escape(label)}</td><td class="num">{probability:.3f}</td>'
+                         f'<td class="num">{threshold:.3g}</td><td>{decision}</td></tr>')
+        return f'<table class="outputs">{head}<tbody>{"".join(cells)}</tbody></table>'
+
+    def skipped_html(self, study: Study) -> str:
+        lines = skipped_lines(study)
+        if not lines:
+            return '<p class="note">Nothing of this study was skipped.</p>'
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        return f"<h3>Skipped</h3><ul>{items}</ul>"
+
+    def strip_figure(self, chosen: SeriesResult) -> Figure:
+        """Thumbnails of the series in the brain window above the probability of each output per slice, with the
+        headline output's threshold."""
+        count = len(chosen.probs)
+        ranks = np.arange(1, count + 1)
+        shown = np.unique(np.linspace(0, count - 1, min(count, STRIP_THUMBNAILS)).round().astype(int))
+        # thumbnails about square: each as tall as the plot width (~7.4 of the 10 inches) shares out among them
+        strip = min(1.4, 7.4 / len(shown))
+        figure = Figure(figsize=(10, strip + 3.0), layout="constrained")
+        top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [strip, 2.2]})
+        width = count / len(shown)
+        for row in shown:
+            thumbnail = cv2.resize(BRAIN(chosen.hu[row]), (THUMBNAIL_PX, THUMBNAIL_PX), interpolation=cv2.INTER_AREA)
+            top.imshow(thumbnail, cmap="gray", vmin=0, vmax=255, aspect="auto",
+                       extent=(row + 1 - width / 2, row + 1 + width / 2, 0, 1))
+        top.set_yticks([])
+        top.set_title("brain window, slices in position order", fontsize=9)
+        output = headline_output(self.labels, self.model.task, chosen.exam)
+        for k, label in enumerate(self.labels):
+            bottom.plot(ranks, chosen.probs[:, k], marker="o", markersize=3, linewidth=2.2 if k == output else 1.0,
+                        label=label, color=f"C{k}")
+        bottom.axhline(self.thresholds[output], color=f"C{output}", linestyle="--", linewidth=1,
+                       label=f"threshold {self.thresholds[output]:.3g}")
+        bottom.set_xlim(0.5, count + 0.5)
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_ylabel("probability")
+        ticks = np.unique(np.linspace(0, count - 1, min(count, 12)).round().astype(int))
+        bottom.set_xticks(ticks + 1, [f"{t + 1}\n{chosen.positions[t]:.0f} mm" for t in ticks], fontsize=8)
+        bottom.set_xlabel("slice (and its position along the slice normal)", fontsize=9)
+        bottom.grid(alpha=0.3)
+        bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        return figure
+
+    def about_section(self, scan: Scan, input_path: str | None) -> str:
+        inputs = self.model.inputs
+        windows = ", ".join(f"{center:g}/{width:g}" for center, width in inputs["windows"])
+        rows = [
+            ("model", f"{self.model.source} ({self.model.task}: {', '.join(self.labels)})"),
+            ("inputs", f"windows (centre/width HU) {windows}; context {inputs['context']} slice(s) each side; "
+                       f"{inputs['image_size']} px"),
+            ("operating point", self.operating_point() + (
+                "" if self.model.thresholds_chosen else
+                ": this checkpoint carries no thresholds chosen on validation, so decisions are at a threshold that "
+                "is no operating point")),
+            ("input", input_path if input_path is not None else "not written (keep_ids=false)"),
+            ("files", f"{scan.files:,} read; {len(scan.loose):,} in no study" + _reasons(Counter(f.reason for f in scan.loose))),
+            ("studies", f"{len(scan.studies):,}; {sum(1 for row in self.studies if row['positive'] == 1):,} positive, "
+                        f"{sum(1 for row in self.studies if row['slices'] == 0):,} not read"),
+            ("series", f"{sum(row['role'] == 'used' for row in self.series):,} used, "
+                       f"{sum(row['role'] == 'predicted' for row in self.series):,} also predicted, "
+                       f"{sum(row['role'] == 'skipped' for row in self.series):,} skipped"
+                       + _reasons(Counter(row["reason"] for row in self.series if row["reason"]))),
+            ("heat maps", self.heatmap_note()),
+        ]
+        cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows)
+        return section("about", "What was read", f'<table class="about">{cells}</table>')
+
+    def overview_section(self) -> str:
+        head = "".join(f'<th class="num">p({html.escape(label)})</th>' for label in self.labels)
+        rows = []
+        for row in self.studies:
+            probabilities = "".join(f'<td class="num">{row[f"prob_{label}"]:.3f}</td>' if row["slices"] else
+                                    '<td class="num">\u2013</td>' for label in self.labels)
+            kind = "positive" if row["positive"] == 1 else "negative" if row["positive"] == 0 else "none"
+            rows.append(f'<tr><td><a href="#study-{row["study"]}">{html.escape(study_name(row, self.keep_ids))}</a></td>'
+                        f'<td class="verdict {kind}">{html.escape(row["verdict"])}</td>{probabilities}'
+                        f'<td>{html.escape(row["series"])}</td></tr>')
+        table = (f"<table><thead><tr><th>study</th><th>verdict</th>{head}<th>read on</th></tr></thead>"
+                 f"<tbody>{''.join(rows)}</tbody></table>")
+        note = (f"p(...): the study's exam probability, {self.model.exam_rule}, on the series it is read on. "
+                f"Decisions at the thresholds of the about table ({self.operating_point()}).")
+        return section("studies", "Studies", table, note)
+
+    def loose_section(self, scan: Scan, root: Path) -> str:
+        if not scan.loose:
+            return ""
+        lines = [f"{reason}: {files(count)}" for reason, count in Counter(f.reason for f in scan.loose).most_common()]
+        if self.keep_ids:
+            lines += [f"{self.file_name(image, root)}: {image.reason}" for image in scan.loose]
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        note = "Listed one by one in skipped_files.csv" + ("." if self.keep_ids else " (by pseudonym; keep_ids=true names them).")
+        return section("no-study", "Files in no study", f"<ul>{items}</ul>", note)
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def studies_table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.studies)
+
+    def finish(self, scan: Scan, input_path: str | None) -> None:
+        for image in scan.loose:
+            self.skipped.append({"study": "", "series": "", "file": self.file_name(image, scan.root),
+                                 "reason": image.reason, "detail": image.detail})
+        studies = self.studies_table()
+        _write_csv(self.output_dir / "studies.csv", studies)
+        slices = pd.concat(self.slices, ignore_index=True) if self.slices else pd.DataFrame(
+            columns=["study", "series", "used", "rank", "position_mm", *(f"prob_{label}" for label in self.labels)])
+        _write_csv(self.output_dir / "slices.csv", slices)
+        _write_csv(self.output_dir / "series.csv", pd.DataFrame(self.series))
+        _write_csv(self.output_dir / "skipped_files.csv",
+                   pd.DataFrame(self.skipped, columns=["study", "series", "file", "reason", "detail"]))
+        body = "\n".join([self.about_section(scan, input_path), self.overview_section(), *self.sections,
+                          self.loose_section(scan, scan.root)])
+        document = page(f"Prediction: {len(scan.studies)} studies", body, footer=FOOTER)
+        report = self.output_dir / "report.html"
+        write_atomic(report, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+        print_studies(studies, self.labels, self.keep_ids, self.output_dir)
+
+
+def skipped_lines(study: Study) -> list[str]:
+    """What of a study was not predicted: skipped series with their reason, files left out of the others."""
+    lines = [f"{series.describe()}: skipped, {series.reason} ({files(len(series.slices) + len(series.left_out))})"
+             for series in study.series if series.reason]
+    lines += [f"{series.describe()}: {files(count)} left out, {reason}" for series in study.series if not series.reason
+              for reason, count in sorted(series.skipped.items())]
+    return lines
+
+
+def files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def study_name(row: dict, keep_ids: bool) -> str:
+    name = f"Study {row['study']}"
+    if keep_ids and row.get("accession"):
+        name += f" (accession {row['accession']})"
+    return name
+
+
+def print_studies(studies: pd.DataFrame, labels: tuple[str, ...], keep_ids: bool, output_dir: Path) -> None:
+    table = Table(title=f"{len(studies)} studies -> {output_dir}")
+    for column in ("study", "verdict", *(f"p({label})" for label in labels), "read on"):
+        table.add_column(column, justify="right" if column.startswith("p(") else "left")
+    for row in studies.to_dict("records"):
+        probabilities = [f"{row[f'prob_{label}']:.3f}" if row["slices"] else "-" for label in labels]
+        table.add_row(study_name(row, keep_ids), row["verdict"], *probabilities, row["series"])
+    Console().print(table)
+
+
+def _reasons(counts: Counter) -> str:
+    return (" (" + ", ".join(f"{reason}: {count}" for reason, count in counts.most_common()) + ")") if counts else ""
+
+
+def _write_csv(path: Path, table: pd.DataFrame) -> None:
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+
