@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import FAST_RUN, compose_config, open_in_chromium
+from ich.export import export as export_file
 from ich.phantom import generate
 from ich.predict import run as predict_run, verdict
 from ich.privacy import pseudonym
@@ -347,3 +348,30 @@ def test_the_verdict_follows_any_at_its_threshold_and_names_the_subtypes_called(
     assert verdict(labels, "multilabel", np.array([0.59, 0.1, 0.1, 0.1, 0.1, 0.4]), thresholds) == (
         "no hemorrhage by `any`; subdural above threshold", False)
     assert verdict(("subdural",), "binary", np.array([0.2]), np.array([0.5])) == ("no subdural", False)
+
+
+@pytest.mark.slow
+def test_an_exported_onnx_file_predicts_the_same_studies_without_heat_maps(trained, export, prediction, tmp_path):
+    output_dir, studies = prediction
+    onnx = export_file(trained, "onnx", tmp_path / "model.onnx")
+    exported = predict(onnx, export[0], tmp_path / "out").set_index("study")
+    studies = studies.set_index("study")
+    assert exported["verdict"].to_dict() == studies["verdict"].to_dict()
+    read = studies["slices"] > 0
+    assert np.allclose(exported.loc[read, "prob_any"], studies.loc[read, "prob_any"], atol=1e-4)
+    assert not list((tmp_path / "out" / "heatmaps").iterdir())
+    assert "No heat maps: model.onnx is an exported model" in (tmp_path / "out" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_stage_two_run_reads_each_series_in_order_and_gives_its_exam_score(trained, export, cache_dir, tmp_path):
+    quick = [o for o in FAST_RUN if not o.startswith(("model=", "data.phantom.", "trainer.max_epochs"))]
+    stage_two = tmp_path / "two"
+    train(compose_config("train", [*quick, "model=sequence", f"model.encoder={trained}", "trainer.max_epochs=3",
+                                   f"output_dir={stage_two}", f"data.cache_dir={cache_dir}", "test=false"]))
+    studies = predict(stage_two, export[0], tmp_path / "out").set_index("study")
+    for uid in export[1]["truth"]:
+        assert studies.loc[pseudonym(uid), "slices"] == PHANTOM_SLICES
+    slices = pd.read_csv(tmp_path / "out" / "slices.csv")
+    assert slices["prob_any"].between(0, 1).all() and len(slices) == 5 * PHANTOM_SLICES + CT_SMALL_COPIES
+    assert "the sequence model&#x27;s exam output" in (tmp_path / "out" / "report.html").read_text()
