@@ -19,6 +19,7 @@ from torch import nn
 from ich.data.windows import parse_windows
 from ich.module import ICHLitModule
 from ich.runs import best_checkpoint
+from ich.sequence import is_stage_two
 
 # Exported files by suffix; each has `<file>.json` beside it (ich.export.description writes it).
 EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
@@ -142,6 +143,9 @@ def load_model(checkpoint: Path) -> ICHLitModule:
 
     channels_last is a training speed setting (trainer.channels_last): a deployed model must not carry it.
     """
+    if is_stage_two(checkpoint):
+        raise ValueError(f"{checkpoint} is a stage-2 sequence model, which reads whole series rather than slices: "
+                         "deploy the stage-1 checkpoint it was trained on (predict.py takes the stage-2 run itself).")
     model = ICHLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, channels_last=False)
     inputs = model.hparams.get("inputs")
     if not inputs:

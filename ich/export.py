@@ -8,7 +8,6 @@ and the temperature inside, exported in float32 whatever precision and memory la
 `ich.deploy.load_deployed` and predict.py read both.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.core.module import _jit_is_scripting
 
 from ich import CONFIG_DIR, __version__
+from ich.classical.features import file_digest
 from ich.cli import friendly_errors
 from ich.deploy import EXPORT_FORMATS, INPUT_NAME, OUTPUT_NAME, Deployed, description_path, load_deployed
 from ich.results import write_atomic, write_json
@@ -107,17 +107,9 @@ def description(deployed: Deployed, format: str, out: Path) -> dict:
         "inputs": deployed.inputs,
         "backbone": model.hparams.backbone,
         "checkpoint": str(deployed.source),
-        "checkpoint_sha256": sha256(deployed.source),
+        "checkpoint_sha256": file_digest(str(deployed.source)),
         "ich_version": __version__,
     }
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

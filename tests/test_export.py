@@ -143,6 +143,14 @@ def test_an_image_folder_checkpoint_is_refused_in_one_sentence(tmp_path):
         export(checkpoint, "onnx", tmp_path / "model.onnx")
 
 
+def test_a_stage_two_checkpoint_is_refused_naming_its_stage_one(checkpoints, tmp_path):
+    saved = torch.load(checkpoints("one_window"), map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["encoder"] = {"checkpoint": "stage-1.ckpt"}  # what marks a SequenceLitModule's file
+    torch.save(saved, tmp_path / "sequence.ckpt")
+    with pytest.raises(ValueError, match="is a stage-2 sequence model.*deploy the stage-1 checkpoint"):
+        export(tmp_path / "sequence.ckpt", "onnx", tmp_path / "model.onnx")
+
+
 def test_an_exported_file_carries_its_json_and_needs_it(checkpoints, series, tmp_path):
     checkpoint = checkpoints("context")
     hu, images = data_path(series, THREE_WINDOWS, 1, SIZE)
