@@ -151,7 +151,7 @@ def test_other_data_is_used_whole_as_external_validation(multilabel, cache_dir, 
     """A phantom other than training's is used whole: every one of its slices is a test slice."""
     overrides = ["data=phantom", f"data.cache_dir={cache_dir}", "data.phantom.patients=3", "data.phantom.slices=4",
                  "data.phantom.size=64", "data.phantom.quirks=false", "data.num_workers=0"]
-    with caplog.at_level(logging.INFO, logger="ich.evaluate"):
+    with caplog.at_level(logging.INFO, logger="ich"):
         metrics = evaluate(multilabel[0], tmp_path, *overrides)
     assert metrics["data/slices_test"] == 3 * 4
     assert "External validation" in caplog.text
@@ -161,7 +161,7 @@ def test_other_data_is_used_whole_as_external_validation(multilabel, cache_dir, 
 def test_external_data_that_holds_training_slices_is_flagged(multilabel, cache_dir, tmp_path, caplog):
     """The training phantom under other settings: external by its config, yet it holds the training slices."""
     data = [o for o in FAST_RUN if o.startswith("data.")] + [f"data.cache_dir={cache_dir}", "data.phantom.quirks=false"]
-    with caplog.at_level(logging.INFO, logger="ich.evaluate"):
+    with caplog.at_level(logging.INFO, logger="ich"):
         evaluate(multilabel[0], tmp_path / "all", "data=phantom", *data)
     assert "train/val slices of the training run, so these metrics are optimistic" in caplog.text
     split_csv = multilabel[0].parent.parent / "split.csv"
