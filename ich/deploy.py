@@ -98,10 +98,11 @@ class Deployed:
         """float32 probabilities [B, K] of int16 HU stacks [B, 2k+1, S, S], the centre slice the one predicted."""
         slices, size, _ = self.input_shape
         if hu.dtype != np.int16 or hu.ndim != 4 or hu.shape[1:] != self.input_shape:
+            context = (f" and stack it between its {slices // 2} neighbours on each side (the edge slice repeated at "
+                       "a series' ends)") if slices > 1 else ""
             raise ValueError(
                 f"{self.source.name} takes int16 HU of shape [batch, {slices}, {size}, {size}], not {hu.dtype} "
-                f"{list(hu.shape)}: read each slice with ich.data.dicom.read_hu_square(path, {size}) and stack it "
-                f"between its {slices // 2} neighbours on each side (the edge slice repeated at a series' ends)."
+                f"{list(hu.shape)}: read each slice with ich.data.dicom.read_hu_square(path, {size}){context}."
             )
         return np.asarray(self.run(np.ascontiguousarray(hu)), dtype=np.float32)
 
