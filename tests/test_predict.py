@@ -375,3 +375,10 @@ def test_a_stage_two_run_reads_each_series_in_order_and_gives_its_exam_score(tra
     slices = pd.read_csv(tmp_path / "out" / "slices.csv")
     assert slices["prob_any"].between(0, 1).all() and len(slices) == 5 * PHANTOM_SLICES + CT_SMALL_COPIES
     assert "the sequence model&#x27;s exam output" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_without_a_checkpoint_or_input_the_error_names_the_option(tmp_path):
+    with pytest.raises(ValueError, match=r"predict.py needs ckpt_path=PATH"):
+        predict_run(compose_config("predict", [f"output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"predict.py needs input=PATH"):
+        predict_run(compose_config("predict", [f"ckpt_path={tmp_path}", f"output_dir={tmp_path}"]))
