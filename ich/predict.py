@@ -245,52 +245,69 @@ class Outputs:
         return relative if self.keep_ids else pseudonym(relative)
 
     def add(self, result: StudyResult, root: Path) -> None:
+        """One study's rows in every file, its heat maps (when positive) and its section of the report."""
+        row = self.study_row(result)
+        self.studies.append(row)
+        self.skipped += self.skipped_rows(result.study, root)
+        self.slices += [self.slice_rows(result.study, r, r is result.chosen) for r in result.results]
+        self.series += self.series_rows(result)
+        positive = result.chosen is not None and row["positive"] == 1
+        tiles = self.draw_heatmaps(result.study, result.chosen) if positive else []
+        self.sections.append(self.study_section(row, result, tiles))
+
+    def study_row(self, result: StudyResult) -> dict:
         study, chosen = result.study, result.chosen
-        for series in study.series:
-            left_out = series.left_out + ([replace(image, reason=series.reason, detail="its series has fewer usable "
-                                                   "slices than min_slices") for image in series.slices]
-                                          if series.reason else [])
-            self.skipped += [{"study": study.key, "series": series.key, "file": self.file_name(image, root),
-                              "reason": image.reason, "detail": image.detail} for image in left_out]
         row = {"study": study.key, "patient": study.patient, **self.ids(study)}
         if chosen is None:
             row.update(verdict="not read: no usable axial CT series", positive=np.nan, slices=0, series="", series_key="")
             row.update({f"prob_{label}": np.nan for label in self.labels})
         else:
-            exam = chosen.exam
-            text, positive = verdict(self.labels, self.model.task, exam, self.thresholds)
+            text, positive = verdict(self.labels, self.model.task, chosen.exam, self.thresholds)
             row.update(verdict=text, positive=int(positive), slices=len(chosen.probs),
                        series=chosen.series.describe(), series_key=chosen.series.key)
-            row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
-            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, exam, self.thresholds)})
+            row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, chosen.exam)})
+            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, chosen.exam, self.thresholds)})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
             f"{r.series.describe()}: " + ", ".join(f"p({label}) {p:.3f}" for label, p in zip(self.labels, r.exam))
             for r in result.results if r is not chosen)
         row["skipped"] = "; ".join(skipped_lines(study))
-        self.studies.append(row)
-        for r in result.results:
-            table = pd.DataFrame({"study": study.key, "series": r.series.key, "used": int(r is chosen),
-                                  "rank": np.arange(1, len(r.probs) + 1), "position_mm": np.round(r.positions, 2)})
-            for k, label in enumerate(self.labels):
-                table[f"prob_{label}"] = r.probs[:, k]
-            for key, value in self.ids(study).items():
-                table[key] = value
-            self.slices.append(table)
-        by_series = {id(r.series): r for r in result.results}
+        return row
+
+    def skipped_rows(self, study: Study, root: Path) -> list[dict]:
+        """Every file of the study that was not predicted: left out of its series, or in a series skipped whole."""
+        rows = []
         for series in study.series:
-            r = by_series.get(id(series))
-            self.series.append({
-                "study": study.key, "series": series.key, "number": series.number,
-                "role": "used" if r is not None and r is chosen else "predicted" if r is not None else "skipped",
-                "reason": series.reason, "slices": len(series.slices), "files_left_out": sum(series.skipped.values()),
+            too_few = [replace(image, reason=series.reason, detail="its series has fewer usable slices than min_slices")
+                       for image in series.slices] if series.reason else []
+            rows += [{"study": study.key, "series": series.key, "file": self.file_name(image, root),
+                      "reason": image.reason, "detail": image.detail} for image in series.left_out + too_few]
+        return rows
+
+    def slice_rows(self, study: Study, result: SeriesResult, used: bool) -> pd.DataFrame:
+        table = pd.DataFrame({"study": study.key, "series": result.series.key, "used": int(used),
+                              "rank": np.arange(1, len(result.probs) + 1), "position_mm": np.round(result.positions, 2)})
+        for k, label in enumerate(self.labels):
+            table[f"prob_{label}"] = result.probs[:, k]
+        for key, value in self.ids(study).items():
+            table[key] = value
+        return table
+
+    def series_rows(self, result: StudyResult) -> list[dict]:
+        predicted = {id(r.series): r for r in result.results}  # Series objects are mutable, so keyed by identity
+        rows = []
+        for series in result.study.series:
+            r = predicted.get(id(series))
+            rows.append({
+                "study": result.study.key, "series": series.key, "number": series.number,
+                "role": "skipped" if r is None else "used" if r is result.chosen else "predicted",
+                "reason": series.reason, "slices": len(series.slices), "files_left_out": len(series.left_out),
                 "left_out": ", ".join(f"{reason}: {count}" for reason, count in sorted(series.skipped.items())),
                 "thickness_mm": round(series.thickness, 3) if series.slices else np.nan, "kernel": series.kernel,
-                **{f"prob_{label}": float(r.exam[k]) if r is not None else np.nan for k, label in enumerate(self.labels)},
+                **{f"prob_{label}": np.nan if r is None else float(r.exam[k]) for k, label in enumerate(self.labels)},
             })
-        tiles = self.draw_heatmaps(study, chosen) if chosen is not None and row["positive"] == 1 else []
-        self.sections.append(self.study_section(row, result, tiles))
+        return rows
 
     def operating_point(self) -> str:
         if self.model.thresholds_chosen:
