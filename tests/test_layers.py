@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ich"
-# What the root scripts call; code below them never imports them (the scripts themselves live outside ich/).
-ENTRY_MODULES = ("ich.train", "ich.evaluate")
+# What the root scripts and the `python -m ich.<command>` commands run; code below them never imports them.
+ENTRY_MODULES = ("ich.train", "ich.evaluate", "ich.predict", "ich.export", "ich.report", "ich.prepare", "ich.bench")
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
