@@ -22,13 +22,12 @@ from tqdm.auto import tqdm
 from ich.data.datamodule import ICHDataModule
 from ich.module import ICHLitModule
 from ich.results import write_atomic
+from ich.runs import IDENTITY, INPUT_KEYS, describe_data
 
 log = logging.getLogger(__name__)
 
 # Bump when the files or their meaning change, so an old cache is never read as a new one.
 FORMAT_VERSION = 1
-# Data keys that say which slices these are and how a slice is shaped for the encoder.
-DATA_KEYS = ("source", "root", "image_dir", "labels", "phantom", "windows", "context", "image_size")
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,7 @@ class Embeddings:
 
 def cache_key(encoder_sha256: str, datamodule: ICHDataModule, data: dict, flip: bool) -> dict:
     """Everything the cached arrays depend on; `data` is the data config the data module was built from."""
-    described = {key: data.get(key) for key in DATA_KEYS}
-    for key in ("root", "image_dir", "labels"):
-        if described[key]:
-            described[key] = str(Path(described[key]).expanduser().resolve())
+    described = describe_data(data, (*IDENTITY, *INPUT_KEYS))  # which slices, shaped how for the encoder
     ids = "\n".join(datamodule.index["image_id"].astype(str))
     return {"version": FORMAT_VERSION, "encoder_sha256": encoder_sha256, "flip": bool(flip), "data": described,
             "slices": hashlib.sha256(ids.encode()).hexdigest()}

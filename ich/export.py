@@ -17,10 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.core.module import _jit_is_scripting
 
 from ich import CONFIG_DIR, __version__
-from ich.classical.features import file_digest
 from ich.cli import friendly_errors
 from ich.deploy import EXPORT_FORMATS, INPUT_NAME, OUTPUT_NAME, Deployed, description_path, load_deployed
-from ich.results import write_atomic, write_json
+from ich.results import file_digest, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ model with nothing else at hand: no config, no network, no weights file.
 """
 
 import inspect
+from collections.abc import Callable
 import logging
 from functools import partial
 from pathlib import Path
@@ -258,47 +259,7 @@ class ICHLitModule(pl.LightningModule):
 
         Frozen parameters get no gradient, which every torch optimizer skips.
         """
-        optimizer = _partial(self.hparams.optimizer or DEFAULT_OPTIMIZER)(params=self.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        config = dict(self.hparams.scheduler)
-        stepping = {key: config.pop(key) for key in SCHEDULER_STEPPING_KEYS if key in config}
-        stepping.setdefault("interval", "epoch")
-        factory = _partial(config)
-        scheduler = factory(optimizer, **self._schedule_defaults(factory, stepping["interval"], optimizer))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **stepping}}
-
-    def _schedule_defaults(self, factory: partial, interval: str, optimizer: torch.optim.Optimizer) -> dict:
-        """Fill what the scheduler config leaves null: the schedule spans the whole run, in its interval's units
-        (OneCycleLR total_steps, CosineAnnealingLR T_max), and OneCycleLR peaks at the optimizer's lr."""
-        accepted = inspect.signature(factory.func).parameters
-        given = {key: value for key, value in factory.keywords.items() if value is not None}
-        defaults: dict[str, Any] = {}
-        if "total_steps" in accepted and "total_steps" not in given and "epochs" not in given:
-            defaults["total_steps"] = self._run_length(interval)
-        if "T_max" in accepted and "T_max" not in given:
-            defaults["T_max"] = self._run_length(interval)
-        if "max_lr" in accepted and "max_lr" not in given:
-            defaults["max_lr"] = [group["lr"] for group in optimizer.param_groups]
-        if "pct_start" in accepted:
-            total = defaults.get("total_steps", given.get("total_steps"))
-            warmup = given.get("pct_start", accepted["pct_start"].default)
-            if total and float(warmup * total) == 1.0:
-                # OneCycleLR divides by zero when its warm-up is exactly one step (4 steps at 0.25): a
-                # millionth more keeps the schedule and the division.
-                defaults["pct_start"] = warmup * (1 + 1e-6)
-        return defaults
-
-    def _run_length(self, interval: str) -> int:
-        if interval == "step":
-            return int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs
-        if epochs is None or epochs < 1:
-            raise ValueError(
-                "An epoch-wise scheduler needs trainer.max_epochs to know its length: set it, "
-                "or set the schedule length in the scheduler config (T_max or total_steps)."
-            )
-        return epochs
+        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -397,6 +358,59 @@ def _per_output(values: list[float] | None, task: Task, option: str) -> torch.Te
             f"({', '.join(task.outputs)}): give one per output."
         )
     return torch.tensor(values, dtype=torch.float32)
+
+
+def configure_optimization(module: pl.LightningModule, optimizer: dict | None, scheduler: dict | None) -> Any:
+    """What `configure_optimizers` returns for Hydra `_target_` dicts of an optimizer (over all of `module`'s
+    parameters) and an optional scheduler, whose schedule length left null spans the whole run."""
+    built = _partial(optimizer or DEFAULT_OPTIMIZER)(params=module.parameters())
+    if not scheduler:
+        return built
+    config = dict(scheduler)
+    stepping = {key: config.pop(key) for key in SCHEDULER_STEPPING_KEYS if key in config}
+    stepping.setdefault("interval", "epoch")
+    factory = _partial(config)
+    defaults = _schedule_defaults(factory, _run_length(module.trainer, stepping["interval"]), built)
+    return {"optimizer": built, "lr_scheduler": {"scheduler": factory(built, **defaults), **stepping}}
+
+
+def _schedule_defaults(factory: partial, length: Callable[[], int], optimizer: torch.optim.Optimizer) -> dict:
+    """Fill what the scheduler config leaves null: the schedule spans the whole run, in its interval's units
+    (OneCycleLR total_steps, CosineAnnealingLR T_max; `length` gives it), and OneCycleLR peaks at the optimizer's lr."""
+    accepted = inspect.signature(factory.func).parameters
+    given = {key: value for key, value in factory.keywords.items() if value is not None}
+    defaults: dict[str, Any] = {}
+    if "total_steps" in accepted and "total_steps" not in given and "epochs" not in given:
+        defaults["total_steps"] = length()
+    if "T_max" in accepted and "T_max" not in given:
+        defaults["T_max"] = length()
+    if "max_lr" in accepted and "max_lr" not in given:
+        defaults["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+    if "pct_start" in accepted:
+        total = defaults.get("total_steps", given.get("total_steps"))
+        warmup = given.get("pct_start", accepted["pct_start"].default)
+        if total and float(warmup * total) == 1.0:
+            # OneCycleLR divides by zero when its warm-up is exactly one step (4 steps at 0.25): a
+            # millionth more keeps the schedule and the division.
+            defaults["pct_start"] = warmup * (1 + 1e-6)
+    return defaults
+
+
+def _run_length(trainer: pl.Trainer, interval: str) -> Callable[[], int]:
+    """The run's length in the scheduler's interval, asked for only when the scheduler takes one."""
+
+    def length() -> int:
+        if interval == "step":
+            return int(trainer.estimated_stepping_batches)
+        epochs = trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError(
+                "An epoch-wise scheduler needs trainer.max_epochs to know its length: set it, "
+                "or set the schedule length in the scheduler config (T_max or total_steps)."
+            )
+        return epochs
+
+    return length
 
 
 def _partial(config: dict) -> partial:

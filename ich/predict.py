@@ -401,6 +401,7 @@ class Outputs:
             top.imshow(thumbnail, cmap="gray", vmin=0, vmax=255, aspect="auto",
                        extent=(row + 1 - width / 2, row + 1 + width / 2, 0, 1))
         top.set_yticks([])
+        top.set_facecolor("black")  # where rounding leaves a gap between thumbnails: air, not a white slice
         top.set_title("brain window, slices in position order", fontsize=9)
         output = headline_output(self.labels, self.model.task, chosen.exam)
         for k, label in enumerate(self.labels):

@@ -1,5 +1,7 @@
-"""Writing and showing results: flat metrics as JSON and as a table on the console, predictions as a table."""
+"""Writing and showing results: flat metrics as JSON and as a table on the console, predictions as a table;
+files written atomically and named by their content."""
 
+import hashlib
 import json
 import math
 import os
@@ -61,3 +63,17 @@ def predictions_table(
     for k, name in enumerate(task.outputs):
         table[f"prob_{name}"] = probs[:, k].numpy()
     return table
+
+
+def file_digest(path: str | None) -> str | None:
+    """SHA-256 of a file's bytes, so a copied weights file shares a cache and a retrained one does not."""
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: check the path given in the config.")
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

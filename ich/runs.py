@@ -13,7 +13,19 @@ LAST = "last"
 # Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
 INPUT_KEYS = ("windows", "context", "image_size")
 # Data keys that say which slices these are: when one differs from training's, it is another dataset.
-IDENTITY = ("source", "root", "image_dir", "labels", "phantom")
+IDENTITY = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
+            "label_columns", "first_slice", "patient_pattern")
+PATH_KEYS = ("root", "image_dir", "labels", "masks")
+
+
+def describe_data(data: dict, keys: tuple[str, ...]) -> dict:
+    """`keys` of a data config with its paths made absolute: the part of a cache key (ich.embeddings,
+    ich.classical.features) that says which slices and how they look, unchanged by the folder a run starts in."""
+    described = {key: data.get(key) for key in keys}
+    for key in PATH_KEYS:
+        if described.get(key):
+            described[key] = str(Path(described[key]).expanduser().resolve())
+    return described
 
 
 def training_run_dir(checkpoint: Path) -> Path:

@@ -13,7 +13,6 @@ patients and report the same metric names (ich.metrics), slice level and exam le
 For prediction on new series: `SequenceLitModule.load_from_checkpoint(path)` and `predict_series`.
 """
 
-import inspect
 import logging
 import shutil
 from collections.abc import Callable
@@ -24,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -32,14 +30,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MaxMetric
 
 from ich import CONFIG_DIR
-from ich.classical.features import file_digest
 from ich.data.datamodule import ICHDataModule, check_slice_order, task_targets
 from ich.data.dataset import as_bytes
 from ich.data.splits import STAGES
 from ich.embeddings import Embeddings, embed, load_or_extract
 from ich.metrics import OneVsRestAUROC, build_metrics
-from ich.module import SCHEDULER_STEPPING_KEYS, ICHLitModule, build_loss
+from ich.module import ICHLitModule, build_loss, configure_optimization
 from ich.operating import HEADLINE_LABEL, choose_thresholds, fit_temperature, one_vs_rest, probabilities
+from ich.results import file_digest
 from ich.runs import best_checkpoint, data_config, saved_inputs, training_run_dir
 from ich.tasks import Task, get_task
 
@@ -365,20 +363,8 @@ class SequenceLitModule(pl.LightningModule):
         return values
 
     def configure_optimizers(self) -> Any:
-        """The optimizer and scheduler configs as for stage 1; a schedule length left null spans the whole run."""
-        optimizer = instantiate(self.hparams.optimizer, _partial_=True, _convert_="all")(params=self.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        config = dict(self.hparams.scheduler)
-        stepping = {key: config.pop(key) for key in SCHEDULER_STEPPING_KEYS if key in config}
-        stepping.setdefault("interval", "epoch")
-        factory = instantiate(config, _partial_=True, _convert_="all")
-        length = self.trainer.estimated_stepping_batches if stepping["interval"] == "step" else self.trainer.max_epochs
-        run_length = {"T_max": int(length), "total_steps": int(length),
-                      "max_lr": [group["lr"] for group in optimizer.param_groups]}
-        accepted = inspect.signature(factory.func).parameters
-        missing = {k: v for k, v in run_length.items() if k in accepted and factory.keywords.get(k) is None}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": factory(optimizer, **missing), **stepping}}
+        """The optimizer and scheduler configs as for stage 1 (a schedule length left null spans the whole run)."""
+        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # --- prediction on new series ---------------------------------------------------------------------
 

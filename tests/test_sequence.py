@@ -154,7 +154,7 @@ def save_encoder(dm, path, seed: int):
 
 
 def test_embeddings_are_extracted_once_per_encoder_and_rebuilt_when_it_changes(cache_dir, tmp_path, monkeypatch):
-    from ich.classical.features import file_digest
+    from ich.results import file_digest
     from ich.embeddings import load_or_extract
 
     dm = make_datamodule(cache_dir, tmp_path)

@@ -25,7 +25,8 @@ from rich.progress import track
 from ich.data.datamodule import ICHDataModule
 from ich.data.splits import STAGES
 from ich.data.windows import to_unit_float
-from ich.results import print_metrics, write_json
+from ich.results import file_digest, print_metrics, write_json
+from ich.runs import IDENTITY, INPUT_KEYS, describe_data
 from ich.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,8 @@ log = logging.getLogger(__name__)
 # Bump when the files or their meaning change, so old caches are not read as new ones.
 FORMAT_VERSION = 2  # 2: inputs normalised as in training (ICHLitModule.features); the outputs in the key
 # Data keys that change which slices there are, how they look, or which split each falls in.
-DATA_KEYS = (
-    "source", "root", "image_dir", "labels", "phantom", "windows", "context", "image_size",
-    "min_brain_fraction", "split", "split_file", "seed", "balance", "balance_ratio",
-)
+DATA_KEYS = (*IDENTITY, *INPUT_KEYS, "modalities", "min_brain_fraction", "split", "split_file", "seed", "balance",
+             "balance_ratio")
 FEATURE_KINDS = ("backbone", "pixels")
 
 
@@ -59,10 +58,7 @@ class Split:
 def feature_key(cfg: DictConfig) -> dict:
     """Everything that changes the cached arrays; files are named by their content, not their path."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    described = {key: data.get(key) for key in DATA_KEYS}
-    for key in ("root", "image_dir", "labels"):
-        if described[key]:
-            described[key] = str(Path(described[key]).expanduser().resolve())
+    described = describe_data(data, DATA_KEYS)
     described["split_file"] = file_digest(data.get("split_file"))
     kind = cfg.get("features", "backbone")
     if kind not in FEATURE_KINDS:
@@ -82,19 +78,6 @@ def feature_key(cfg: DictConfig) -> dict:
     return {"version": FORMAT_VERSION, "task": task.name, "outputs": list(task.outputs), "extractor": extractor,
             "data": described}
 
-
-def file_digest(path: str | None) -> str | None:
-    """SHA-256 of a file's bytes, so a copied weights file shares a cache and a retrained one does not."""
-    if not path:
-        return None
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: check the path given in the config.")
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_folder(cfg: DictConfig, key: dict) -> Path:
