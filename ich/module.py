@@ -35,7 +35,101 @@ DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1
 SCHEDULER_STEPPING_KEYS = ("interval", "frequency", "monitor")
 
 
-class ICHLitModule(pl.LightningModule):
+class SliceClassifier(pl.LightningModule):
+    """What every LightningModule of ich that scores slices shares (ICHLitModule, stage 2's SequenceLitModule):
+    one metric collection per stage and the best validation AUROC, logged under the same names; the temperature
+    and per-output operating thresholds, chosen on validation after training and kept in buffers; the steps
+    through `_step`; the optimizer and scheduler of the hparams `optimizer` and `scheduler`.
+
+    A subclass saves its hyperparameters (with task, threshold, operating_point, target_sensitivity, calibrate,
+    optimizer, scheduler), sets `self.task`, calls `track_outputs`, and writes `_step(batch, stage)` -> loss.
+    """
+
+    def track_outputs(self, threshold: float) -> None:
+        """The operating buffers and the metrics of `self.task`; `threshold` is the fixed one of the metrics."""
+        self.register_buffer("op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
+        self.register_buffer("temperature", torch.ones(()))
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", build_metrics(self.task, threshold, prefix=f"{stage}/"))
+        self.val_auroc_best = MaxMetric(nan_strategy="ignore")
+        self.val_auroc_best.persistent(True)  # in the checkpoint: a resumed run remembers its best epoch
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The task's softmax or sigmoids of the logits at the model's temperature (1 unless calibrated)."""
+        return probabilities(self.task, logits, self.temperature.to(logits.device))
+
+    def choose_operating_point(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Fit the temperature (with `calibrate`), then choose one threshold per output, on validation logits
+        [N, K] and targets; both are kept in buffers."""
+        logits = logits.float().to(self.temperature.device)
+        self.temperature.fill_(fit_temperature(logits, targets, self.task.loss) if self.hparams.calibrate else 1.0)
+        thresholds = choose_thresholds(
+            self.probabilities(logits).cpu().numpy(),
+            one_vs_rest(self.task, targets.cpu().numpy()),
+            self.hparams.operating_point,
+            self.hparams.target_sensitivity,
+            fallback=self.hparams.threshold,
+        )
+        self.op_thresholds.copy_(torch.as_tensor(thresholds))
+        log.info("Operating point (%s) on %d validation slices: thresholds %s, temperature %.3f",
+                 self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
+                                                                      zip(self.task.outputs, thresholds)),
+                 float(self.temperature))
+
+    def on_fit_start(self) -> None:
+        """Train and validate as the plain model: a run resumed from a calibrated checkpoint chooses again."""
+        self.temperature.fill_(1.0)
+        self.op_thresholds.fill_(self.hparams.threshold)
+
+    # --- steps ----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    # --- epoch ends: metrics --------------------------------------------------------------------------
+    # Lightning cannot log a ClasswiseWrapper object (its compute returns a dict), so each collection is
+    # computed, logged and reset here, once per epoch.
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_metrics("val")
+        if not self.trainer.sanity_checking:  # the untrained model's AUROC is no epoch's best
+            self.val_auroc_best(values["val/auroc"])
+            self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        metrics.reset()
+        values.update(self.epoch_metrics(stage))
+        # torchmetrics already gathered every rank; sync_dist spares the per-key DDP advice, at negligible cost
+        self.log_dict(values, sync_dist=True)
+        return values
+
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """A subclass's own epoch values beside the collection's (computed and reset here); none by default."""
+        return {}
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer, over all parameters so that unfreezing needs no new one, and the scheduler.
+
+        Frozen parameters get no gradient, which every torch optimizer skips.
+        """
+        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+
+
+class ICHLitModule(SliceClassifier):
     """Classify CT slices for `task` (binary, subtype or multilabel; see ich.tasks) with any timm backbone.
 
     Args:
@@ -106,15 +200,10 @@ class ICHLitModule(pl.LightningModule):
         self.register_buffer("input_std", std)
         # Chosen on the validation patients after training (choose_operating_point); buffers, so the checkpoint
         # carries them and every later prediction applies them.
-        self.register_buffer("op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
-        self.register_buffer("temperature", torch.ones(()))
+        self.track_outputs(threshold)
         if init_from is not None:
             self._init_from(Path(init_from))
         self.criterion = build_loss(self.task, pos_weight, class_weights, rsna_weights)
-        for stage in STAGES:
-            setattr(self, f"{stage}_metrics", build_metrics(self.task, threshold, prefix=f"{stage}/"))
-        self.val_auroc_best = MaxMetric(nan_strategy="ignore")
-        self.val_auroc_best.persistent(True)  # in the checkpoint: a resumed run remembers its best epoch
         self.set_freeze(freeze)
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -139,28 +228,6 @@ class ICHLitModule(pl.LightningModule):
         image = ((to_unit_float(image) - self.input_mean) / self.input_std).contiguous(memory_format=layout)
         return self.backbone(image)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The task's softmax or sigmoids of the logits at the model's temperature (1 unless calibrated)."""
-        return probabilities(self.task, logits, self.temperature.to(logits.device))
-
-    def choose_operating_point(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Fit the temperature (with `calibrate`), then choose one threshold per output, on validation logits
-        [N, K] and targets; both are kept in buffers."""
-        logits = logits.float().to(self.temperature.device)
-        self.temperature.fill_(fit_temperature(logits, targets, self.task.loss) if self.hparams.calibrate else 1.0)
-        thresholds = choose_thresholds(
-            self.probabilities(logits).cpu().numpy(),
-            one_vs_rest(self.task, targets.cpu().numpy()),
-            self.hparams.operating_point,
-            self.hparams.target_sensitivity,
-            fallback=self.hparams.threshold,
-        )
-        self.op_thresholds.copy_(torch.as_tensor(thresholds))
-        log.info("Operating point (%s) on %d validation slices: thresholds %s, temperature %.3f",
-                 self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
-                                                                      zip(self.task.outputs, thresholds)),
-                 float(self.temperature))
-
     # --- freezing -------------------------------------------------------------------------------------
 
     def set_freeze(self, mode: str) -> None:
@@ -184,11 +251,6 @@ class ICHLitModule(pl.LightningModule):
             self.backbone.eval()
         return self
 
-    def on_fit_start(self) -> None:
-        """Train and validate as the plain model: a run resumed from a calibrated checkpoint chooses again."""
-        self.temperature.fill_(1.0)
-        self.op_thresholds.fill_(self.hparams.threshold)
-
     def on_train_start(self) -> None:
         # Applied here rather than at construction: Lightning warns about modules in eval mode just before.
         self.train()
@@ -201,15 +263,6 @@ class ICHLitModule(pl.LightningModule):
             self.train()
 
     # --- steps ----------------------------------------------------------------------------------------
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """Per-image logits and probabilities [B, K] with their ids (and targets when the data has them)."""
@@ -227,39 +280,6 @@ class ICHLitModule(pl.LightningModule):
         # Under DDP the epoch mean must cover every rank's batches; per training step a rank's own loss will do.
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=stage != "train")
         return loss
-
-    # --- epoch ends: metrics --------------------------------------------------------------------------
-    # Lightning cannot log a ClasswiseWrapper object (its compute returns a dict), so each collection is
-    # computed, logged and reset here, once per epoch.
-
-    def on_train_epoch_end(self) -> None:
-        self._log_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        values = self._log_metrics("val")
-        if not self.trainer.sanity_checking:  # the untrained model's AUROC is no epoch's best
-            self.val_auroc_best(values["val/auroc"])
-            self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def _log_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
-        metrics.reset()
-        # torchmetrics already gathered every rank; sync_dist spares the per-key DDP advice, at negligible cost
-        self.log_dict(values, sync_dist=True)
-        return values
-
-    # --- optimisation ---------------------------------------------------------------------------------
-
-    def configure_optimizers(self) -> Any:
-        """Build the optimizer, over all parameters so that unfreezing needs no new one, and the scheduler.
-
-        Frozen parameters get no gradient, which every torch optimizer skips.
-        """
-        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 

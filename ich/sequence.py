@@ -27,16 +27,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MaxMetric
 
 from ich import CONFIG_DIR
 from ich.data.datamodule import ICHDataModule, check_slice_order, task_targets
 from ich.data.dataset import as_bytes
 from ich.data.splits import STAGES
 from ich.embeddings import Embeddings, embed, load_or_extract
-from ich.metrics import OneVsRestAUROC, build_metrics
-from ich.module import ICHLitModule, build_loss, configure_optimization
-from ich.operating import HEADLINE_LABEL, choose_thresholds, fit_temperature, one_vs_rest, probabilities
+from ich.metrics import OneVsRestAUROC
+from ich.module import ICHLitModule, SliceClassifier, build_loss
+from ich.operating import HEADLINE_LABEL, probabilities
 from ich.results import file_digest
 from ich.runs import best_checkpoint, data_config, saved_inputs, training_run_dir
 from ich.tasks import Task, get_task
@@ -252,7 +251,7 @@ class SequenceDataModule(pl.LightningDataModule):
 # --- the LightningModule --------------------------------------------------------------------------------
 
 
-class SequenceLitModule(pl.LightningModule):
+class SequenceLitModule(SliceClassifier):
     """Stage 2 for the encoder's task: slice logits and an exam score per series; metrics named as stage 1's.
 
     Args:
@@ -275,15 +274,11 @@ class SequenceLitModule(pl.LightningModule):
         self.save_hyperparameters()
         self.task = get_task(task, label)
         self.net = SequenceNet(features, self.task.num_outputs, kind, hidden, layers, dropout, kernel, heads)
-        self.register_buffer("op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
-        self.register_buffer("temperature", torch.ones(()))
+        self.track_outputs(threshold)
         self.criterion = build_loss(self.task, None, None, rsna_weights)
         self.headline = self.task.outputs.index(HEADLINE_LABEL) if HEADLINE_LABEL in self.task.outputs else 0
         for stage in STAGES:
-            setattr(self, f"{stage}_metrics", build_metrics(self.task, threshold, prefix=f"{stage}/"))
             setattr(self, f"{stage}_exam_auroc", OneVsRestAUROC(self.task.num_outputs, average=None))
-        self.val_auroc_best = MaxMetric(nan_strategy="ignore")
-        self.val_auroc_best.persistent(True)
         self._encoder: ICHLitModule | None = None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,33 +286,6 @@ class SequenceLitModule(pl.LightningModule):
         small: it runs in float32 whatever the trainer's precision (bf16 would blur nearby slices' logits)."""
         with torch.autocast(device_type=batch["features"].device.type, enabled=False):
             return self.net(batch["features"].float(), batch["logits"].float(), batch["valid"])
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return probabilities(self.task, logits, self.temperature.to(logits.device))
-
-    def choose_operating_point(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """As ICHLitModule's: the temperature (with `calibrate`), then one threshold per output, on validation."""
-        logits = logits.float().to(self.temperature.device)
-        self.temperature.fill_(fit_temperature(logits, targets, self.task.loss) if self.hparams.calibrate else 1.0)
-        thresholds = choose_thresholds(self.probabilities(logits).cpu().numpy(), one_vs_rest(self.task, targets.cpu().numpy()),
-                                       self.hparams.operating_point, self.hparams.target_sensitivity,
-                                       fallback=self.hparams.threshold)
-        self.op_thresholds.copy_(torch.as_tensor(thresholds))
-
-    def on_fit_start(self) -> None:
-        self.temperature.fill_(1.0)
-        self.op_thresholds.fill_(self.hparams.threshold)
-
-    # --- steps ----------------------------------------------------------------------------------------
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """The scored slices' ids, logits, probabilities and targets (as ICHLitModule's), and per series the exam
@@ -339,32 +307,14 @@ class SequenceLitModule(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=stage != "train")
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self._log_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        values = self._log_metrics("val")
-        if not self.trainer.sanity_checking:
-            self.val_auroc_best(values["val/auroc"])
-            self.log("val/auroc_best", self.val_auroc_best.compute(), sync_dist=True)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def _log_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
-        metrics.reset()
-        if self.task.loss == "bce":
-            exam = getattr(self, f"{stage}_exam_auroc")
-            values[f"{stage}/{EXAM_SCORE_KEY}"] = exam.compute().reshape(-1)[self.headline]  # one output: a scalar
-            exam.reset()
-        self.log_dict(values, sync_dist=True)
-        return values
-
-    def configure_optimizers(self) -> Any:
-        """The optimizer and scheduler configs as for stage 1 (a schedule length left null spans the whole run)."""
-        return configure_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """The sequence model's own exam score: its AUROC on the headline output (subtype has no exam level)."""
+        if self.task.loss != "bce":
+            return {}
+        exam = getattr(self, f"{stage}_exam_auroc")
+        value = exam.compute().reshape(-1)[self.headline]  # one output: a scalar
+        exam.reset()
+        return {f"{stage}/{EXAM_SCORE_KEY}": value}
 
     # --- prediction on new series ---------------------------------------------------------------------
 

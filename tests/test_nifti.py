@@ -22,7 +22,7 @@ from ich.evaluate import read_study_labels
 from ich.evaluate import run as evaluate
 from ich.phantom import SLICE_MM, generate, orientation, plan_patients, render_series
 from ich.privacy import pseudonym
-from ich.tasks import LABELS, SUBTYPES
+from ich.tasks import LABELS
 from ich.train import run as train
 
 PATIENTS, SLICES, SIZE, SEED = 8, 8, 64, 3

@@ -11,7 +11,6 @@ It runs in the loader workers on each windowed uint8 slice (albumentations, Open
 
 import albumentations as A
 import cv2
-import numpy as np
 
 
 def build_augmentation(
