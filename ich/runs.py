@@ -94,7 +94,7 @@ def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) 
         data.update(split=[0.0, 0.0, 1.0], split_file=None)
     elif (run_dir / "split.csv").is_file():
         data["split_file"] = str(run_dir / "split.csv")
-        log.info("Testing on the training run's test patients from %s", data["split_file"])
+        log.info("The split (and so the test patients) of the training run: %s", data["split_file"])
     else:
         log.info("No split.csv in %s: the training config's split and seed give the same test patients again", run_dir)
     for key in ("batch_size", "num_workers"):
