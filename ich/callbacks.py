@@ -56,7 +56,8 @@ def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
 
 class WandbFigures(pl.Callback):
     """With logger=wandb: confusion matrices and ROC curves after every validation and test epoch, and a grid
-    of the first validation slices with their labels and predicted probabilities.
+    of the first validation slices with their labels and predicted probabilities (slice models only: stage 2
+    sees embeddings, so its runs get the matrices and curves alone).
 
     The figures are drawn by ich.plots (the same as evaluate.py writes) into <run>/figures/<stage>/ and
     logged from there. Slices carry no identifier, not even the image id: a hospital's file names may be UIDs.
@@ -69,8 +70,8 @@ class WandbFigures(pl.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or self.num_slices <= 0:
             return
-        if not trainer.is_global_zero or not wandb_loggers(trainer):
-            return
+        if not trainer.is_global_zero or not wandb_loggers(trainer) or "image" not in batch:
+            return  # stage 2 (model=sequence) batches hold series of embeddings: no slices to show
         images = batch["image"][: self.num_slices]
         with torch.no_grad():
             probs = pl_module.probabilities(pl_module(images).float()).cpu().numpy()

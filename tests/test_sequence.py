@@ -203,13 +203,16 @@ def run_stage(tmp_path, name, *overrides, phantom: bool = True):
 def test_stage_two_trains_on_stage_one_and_evaluates_with_the_same_metric_names(cache_dir, tmp_path):
     stage_one = run_stage(tmp_path, "one", "task=multilabel", "trainer.max_epochs=2")
     stage_two = run_stage(tmp_path, "two", "model=sequence", f"model.encoder={tmp_path / 'one'}",
-                          "trainer.max_epochs=3")
+                          "trainer.max_epochs=3", "logger=wandb")
     one_tested = {k for k, v in stage_one.items() if k.startswith("test/")}
     assert one_tested <= set(stage_two)  # the same names, slice and exam level, incl. the RSNA metric
     assert {"test/logloss_weighted", "test/exam_auroc", "test/exam_score_auroc"} <= set(stage_two)
     assert stage_two["data/slices_test"] == stage_one["data/slices_test"]  # the same test patients
     assert (tmp_path / "two" / "split.csv").read_text() == (tmp_path / "one" / "split.csv").read_text()
     assert "at the operating point" in (tmp_path / "two" / "report.html").read_text()
+    # W&B dashboards work for stage 2 too: its matrices and curves (its batches hold no slices to show)
+    assert (tmp_path / "two" / "figures" / "val" / "roc.png").is_file()
+    assert not (tmp_path / "two" / "figures" / "val" / "slices.png").exists()
 
     cfg = compose_config("evaluate", [f"ckpt_path={tmp_path / 'two'}", f"output_dir={tmp_path / 'eval'}"])
     evaluated = evaluate(cfg)
