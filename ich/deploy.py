@@ -18,7 +18,7 @@ from torch import nn
 
 from ich.data.windows import parse_windows
 from ich.module import ICHLitModule
-from ich.runs import best_checkpoint
+from ich.runs import checkpoint_file
 from ich.sequence import is_stage_two
 
 # Exported files by suffix; each has `<file>.json` beside it (ich.export.description writes it).
@@ -112,7 +112,7 @@ def load_deployed(path: str | Path) -> Deployed:
     path = Path(path).expanduser()
     if path.suffix in EXPORT_FORMATS and path.is_file():
         return _load_exported(path)
-    checkpoint = checkpoint_file(path)
+    checkpoint = model_checkpoint(path)
     module = HUModel(load_model(checkpoint)).eval()
     model = module.model
     thresholds = model.op_thresholds.cpu().numpy().astype(np.float32)
@@ -128,15 +128,9 @@ def load_deployed(path: str | Path) -> Deployed:
                     source=checkpoint, module=module, run=run)
 
 
-def checkpoint_file(path: Path) -> Path:
-    """A run folder of train.py stands for its best checkpoint; anything else must be a file."""
-    if path.is_dir():
-        return best_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={path} does not exist: pass a run folder of train.py, a .ckpt, or a file of python -m ich.export."
-        )
-    return path
+def model_checkpoint(path: Path) -> Path:
+    """The .ckpt of a `ckpt_path` that is not an exported file (a run folder means the checkpoint it tested)."""
+    return checkpoint_file(path, "ckpt_path", "a run folder of train.py, a .ckpt, or a file of python -m ich.export")
 
 
 def load_model(checkpoint: Path) -> ICHLitModule:

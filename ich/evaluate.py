@@ -30,7 +30,7 @@ from ich.operating import auroc, exam_scores, honest_metrics, patient_bootstrap,
 from ich.plots import save_figures, save_reliability_diagram
 from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
-from ich.runs import best_checkpoint, data_config, saved_inputs, training_run_dir
+from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
 from ich.sequence import SequenceLitModule, exam_score_metrics, is_stage_two, stage_two_data
 from ich.tasks import LABELS, Task
 
@@ -120,14 +120,7 @@ def checkpoint_path(cfg: DictConfig) -> Path:
     example = "e.g. ckpt_path=outputs/<date>/<time> (its best checkpoint) or a .ckpt in its checkpoints/"
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ValueError(f"Evaluation needs a checkpoint: pass ckpt_path=PATH to a run folder or .ckpt of train.py, {example}.")
-    path = Path(cfg.ckpt_path).expanduser()
-    if path.is_dir():
-        return best_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={cfg.ckpt_path} does not exist: pass a .ckpt written by train.py, {example}."
-        )
-    return path
+    return checkpoint_file(cfg.ckpt_path, "ckpt_path", f"a .ckpt written by train.py, {example}")
 
 
 def submission_folder(cfg: DictConfig, task: Task) -> Path | None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ich.data.datamodule import neighbour_rows
 from ich.data.dicom import DicomReadError, read_hu_square
-from ich.deploy import EXPORT_FORMATS, HUModel, checkpoint_file, load_deployed, operating_point_chosen
+from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
 from ich.operating import HEADLINE_LABEL, exam_scores
@@ -94,7 +94,7 @@ def load_predictor(ckpt_path: str, batch_size: int) -> Predictor:
     """A run folder, a .ckpt (stage 1 or a stage-2 sequence model), or an exported .onnx / .pt file."""
     path = Path(ckpt_path).expanduser()
     if path.suffix not in EXPORT_FORMATS:
-        checkpoint = checkpoint_file(path)
+        checkpoint = model_checkpoint(path)
         if is_stage_two(checkpoint):
             return sequence_predictor(checkpoint, batch_size)
     deployed = load_deployed(path)

@@ -64,6 +64,17 @@ def best_checkpoint(run: Path) -> Path:
     raise FileNotFoundError(f"{run} holds no checkpoints/*.ckpt: pass a run folder of train.py or a .ckpt file.")
 
 
+def checkpoint_file(value: str | Path, option: str, what: str) -> Path:
+    """The .ckpt that `option`=value names: a run folder of train.py stands for the checkpoint it tested
+    (best_checkpoint); anything else must be a file, or the error says to pass `what`."""
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        return best_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}={value} does not exist: pass {what}.")
+    return path
+
+
 def saved_inputs(model: LightningModule, checkpoint: Path) -> tuple[dict, dict]:
     """What the checkpoint says of its inputs and of its training data (ICHLitModule's `inputs` and `data`)."""
     inputs, data = model.hparams.get("inputs"), model.hparams.get("data")

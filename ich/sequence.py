@@ -37,7 +37,7 @@ from ich.metrics import OneVsRestAUROC
 from ich.module import ICHLitModule, SliceClassifier, build_loss
 from ich.operating import HEADLINE_LABEL, probabilities
 from ich.results import file_digest
-from ich.runs import best_checkpoint, data_config, saved_inputs, training_run_dir
+from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
 from ich.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -361,17 +361,6 @@ def predict_series(model: SequenceLitModule, stacks: torch.Tensor | np.ndarray |
 # --- from a config or a checkpoint ----------------------------------------------------------------------
 
 
-def encoder_checkpoint(value: str) -> Path:
-    """model.encoder as a .ckpt: a run folder means the checkpoint that run tested."""
-    path = Path(str(value)).expanduser()
-    if path.is_dir():
-        return best_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.encoder={value} does not exist: pass a stage-1 run folder of train.py "
-                                "(outputs/<date>/<time>) or one of its .ckpt files.")
-    return path
-
-
 def load_encoder(reference: dict) -> ICHLitModule:
     """The stage-1 checkpoint a stage-2 model references, refused when it is gone or its content changed."""
     path = Path(reference["path"])
@@ -408,7 +397,8 @@ def build_stage_two(cfg: DictConfig) -> tuple[SequenceDataModule, SequenceLitMod
     if OmegaConf.is_missing(cfg.model, "encoder") or not cfg.model.encoder:
         raise ValueError("model=sequence needs its stage-1 model: add model.encoder=outputs/<date>/<time> "
                          "(a run folder of train.py) or a .ckpt.")
-    path = encoder_checkpoint(cfg.model.encoder)
+    path = checkpoint_file(cfg.model.encoder, "model.encoder",  # a run folder: the checkpoint that run tested
+                           "a stage-1 run folder of train.py (outputs/<date>/<time>) or one of its .ckpt files")
     encoder = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     inputs, trained = saved_inputs(encoder, path)
     adopt_task(cfg, encoder.task)
