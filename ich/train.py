@@ -24,6 +24,7 @@ from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
+from ich.models.backbone import check_backbone_name
 from ich.module import ICHLitModule, predict_logits
 from ich.operating import honest_metrics, slice_groups
 from ich.plots import save_reliability_diagram
@@ -168,6 +169,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if "sequence" in cfg.model:  # stage 2 (model=sequence): a sequence model over a stage-1 checkpoint's series
         datamodule, model = build_stage_two(cfg)
     else:
+        check_backbone_name(cfg.model.backbone)  # before the data, which may take minutes to index the first time
         datamodule = ICHDataModule.from_config(cfg)
         datamodule.prepare_data()
         datamodule.setup()

@@ -28,6 +28,10 @@ from ich.train import run as train
 from test_model import TINY
 from test_module import fit
 
+# Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
+# stays on one worker so that they are not built again on another.
+pytestmark = pytest.mark.xdist_group("export")
+
 ROOT = CONFIG_DIR.parent
 SIZE = 32
 THREE_WINDOWS = ["brain", "subdural", "bone"]

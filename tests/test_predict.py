@@ -29,6 +29,10 @@ from ich.privacy import pseudonym
 from ich.study import ImageFile, Series, choice_key, input_folder, scan_folder, sharp_kernel
 from ich.train import run as train
 
+# Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
+# stays on one worker so that they are not built again on another.
+pytestmark = pytest.mark.xdist_group("predict")
+
 IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
                "SOPInstanceUID", "AccessionNumber")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

@@ -46,7 +46,7 @@ def create_backbone(
 
 def check_backbone_name(name: str) -> None:
     """Reject a name timm does not know, suggesting the closest ones (typos like `resnet_18` are common)."""
-    if timm.is_model(name):
+    if name in SIMPLE_MODELS or timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
