@@ -176,6 +176,15 @@ def test_wrong_option_gives_one_sentence_not_a_traceback(tmp_path, overrides, me
     assert "Traceback" not in result.stderr
 
 
+def test_a_misspelt_backbone_is_told_before_any_data_is_written(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = compose_config("train", [*FAST_RUN, "model.backbone=resnet_18", f"data.cache_dir={cache}",
+                                   f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="did you mean resnet18"):
+        run(cfg)
+    assert not cache.exists() or not any(cache.iterdir()), "the phantom was written before the name was checked"
+
+
 def test_prepare_prints_the_index_summary(cache_dir, tmp_path):
     result = run_cli("-m", "ich.prepare", *[o for o in FAST_RUN if o.startswith("data.phantom")],
                      f"data.cache_dir={cache_dir}")
