@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ich.data.datamodule import ICHDataModule
 from ich.data.windows import parse_windows
+from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
 from ich.metrics import build_metrics
 from ich.module import ICHLitModule, predict_logits
@@ -111,8 +112,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
 
 
 def prediction_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision`, logging and saving nothing."""
-    return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision, logger=False,
+    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision` (auto decided as training decides
+    it, so a checkpoint trained with `auto` here is tested at the precision of its test stage), saving nothing."""
+    precision = resolve_trainer({"accelerator": cfg.accelerator, "precision": cfg.precision})["precision"]
+    return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=precision, logger=False,
                       enable_checkpointing=False, default_root_dir=str(output_dir))
 
 

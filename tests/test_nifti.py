@@ -269,7 +269,7 @@ def volume_run(dataset, tmp_path_factory):
     fast = [o for o in FAST_RUN if not o.startswith("data.phantom")]
     cfg = compose_config("train", [*fast, "data=nifti", f"data.root={root}", "data.image_dir=volumes",
                                    "data.masks=masks", f"data.mask_labels={BHSD_LABELS}", "data.context=1",
-                                   "data.cache=true", "trainer.precision=32-true", f"output_dir={run_dir}",
+                                   "data.cache=true", f"output_dir={run_dir}",
                                    f"data.cache_dir={tmp_path_factory.mktemp('cache')}", "task=multilabel"])
     return run_dir, train(cfg)
 
