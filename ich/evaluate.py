@@ -25,7 +25,7 @@ from ich.data.datamodule import ICHDataModule
 from ich.data.windows import parse_windows
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
-from ich.metrics import build_metrics
+from ich.metrics import metrics_at_once
 from ich.module import ICHLitModule, predict_logits
 from ich.operating import auroc, exam_scores, honest_metrics, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.plots import save_figures, save_reliability_diagram
@@ -181,9 +181,7 @@ def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:
 
 def compute_metrics(task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """The training test stage's collection on all predictions at once, so the names match (`test/auroc`, ...)."""
-    collection = build_metrics(task, threshold, prefix="test/")
-    collection.update(probs, targets.long())
-    metrics = {name: float(value) for name, value in sorted(collection.compute().items())}
+    metrics = metrics_at_once(task, threshold, probs, targets, prefix="test/")
     undefined = [name for name, value in metrics.items() if math.isnan(value)]
     if undefined:
         log.warning("Undefined on these slices (a class absent), written as null: %s", ", ".join(undefined))

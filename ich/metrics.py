@@ -114,6 +114,15 @@ def build_metrics(task: str | Task, threshold: float = 0.5, prefix: str = "") ->
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
+def metrics_at_once(task: Task, threshold: float, probs: torch.Tensor, targets: torch.Tensor,
+                    prefix: str) -> dict[str, float]:
+    """One stage's collection over all its predictions in one update, as plain floats named as the stage logs
+    them: what evaluate.py and fit_classical.py report beside training's figures (NaN where a class is absent)."""
+    collection = build_metrics(task, threshold, prefix=prefix)
+    collection.update(probs.float(), targets.long())
+    return {name: float(value) for name, value in sorted(collection.compute().items())}
+
+
 def _make(metric_class: type, task: Task, threshold: float, average: str | None) -> Metric:
     """One thresholded torchmetrics metric in the task's flavour (binary, multiclass or multilabel)."""
     k = task.num_outputs

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ich.classical.classifiers import Fitted, fit_search, probabilities
 from ich.classical.features import Split, load_or_extract
 from ich.classical.saving import save_classifier
-from ich.metrics import build_metrics
+from ich.metrics import metrics_at_once
 from ich.plots import save_figures
 from ich.results import predictions_table, print_metrics, write_json
 from ich.tasks import Task, get_task
@@ -67,14 +67,9 @@ def check_splits(splits: dict[str, Split], task: Task) -> None:
 
 
 def split_metrics(fitted: Fitted, task: Task, threshold: float, split: Split, prefix: str) -> dict[str, float]:
-    return stage_metrics(task, threshold, probabilities(fitted.estimator, split.features, task), split.targets, prefix)
-
-
-def stage_metrics(task: Task, threshold: float, probs: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
-    """The metric collection of end-to-end training on these predictions, named `<prefix><metric>` as there."""
-    collection = build_metrics(task, threshold, prefix=prefix)
-    collection.update(torch.from_numpy(probs).float(), torch.from_numpy(targets).long())
-    return {name: float(value) for name, value in sorted(collection.compute().items())}
+    """End-to-end training's metric collection on the classifier's predictions, named `<prefix><metric>` as there."""
+    probs = probabilities(fitted.estimator, split.features, task)
+    return metrics_at_once(task, threshold, torch.from_numpy(probs), torch.from_numpy(split.targets), prefix)
 
 
 def write_predictions(output_dir: Path, fitted: Fitted, task: Task, threshold: float, test: Split) -> None:
