@@ -11,8 +11,9 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 # pytest-xdist's workers (`-n auto` in pyproject.toml) share the cores: each worker's torch, and the commands
 # it starts, get an equal share of them, not all of them each (oversubscribed oneDNN threads wait on each other).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
