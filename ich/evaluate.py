@@ -27,7 +27,8 @@ from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
 from ich.metrics import metrics_at_once
 from ich.module import ICHLitModule, predict_logits
-from ich.operating import auroc, exam_scores, honest_metrics, patient_bootstrap, sensitivity_specificity, slice_groups
+from ich.exam import exam_scores
+from ich.operating import auroc, honest_metrics, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.plots import save_figures, save_reliability_diagram
 from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
@@ -218,7 +219,7 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
 
     Every slice under `study_images` is predicted; a study's score is its highest `any` probability
-    (ich.operating.exam_scores) and it is called positive at the checkpoint's operating threshold. Writes
+    (ich.exam.exam_scores) and it is called positive at the checkpoint's operating threshold. Writes
     metrics.json (exam AUROC, sensitivity and specificity with bootstrap intervals over studies) and studies.csv.
     """
     if not isinstance(model, ICHLitModule):

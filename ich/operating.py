@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+from ich.exam import exam_scores
 from ich.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -92,17 +93,6 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
     |mean probability - observed frequency|. 0 for a calibrated model."""
     mean_prob, frequency, counts = calibration_bins(probs, truth, bins)
     return float(np.sum(counts / counts.sum() * np.abs(mean_prob - frequency)))
-
-
-def exam_scores(scores: np.ndarray, truth: np.ndarray, exams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One score and one 0/1 truth per exam (in sorted order of the exam ids): an exam is positive when any
-    of its slices is, and its score is its highest slice probability."""
-    _, exam_of = np.unique(exams, return_inverse=True)
-    best = np.full(exam_of.max() + 1, -np.inf)
-    positive = np.zeros(exam_of.max() + 1)
-    np.maximum.at(best, exam_of, scores)
-    np.maximum.at(positive, exam_of, truth)
-    return best, positive
 
 
 # --- several outputs ----------------------------------------------------------------------------------

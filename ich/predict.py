@@ -3,7 +3,7 @@
 The folder is read as a hospital exports it (ich.study): files are grouped by study and series from their
 headers alone, and each study is read on its axial CT series, the others skipped with their reason. Each
 eligible series is predicted slice by slice as the model was trained (the checkpoint's windows, context and
-size, through ich.deploy), its exam probability is its highest slice probability (ich.operating.exam_scores),
+size, through ich.deploy), its exam probability is its highest slice probability (ich.exam),
 and the study is answered by one series chosen by a fixed rule (ich.study.choice_key), the others listed. It
 streams: one study's pixels at a time, no index and no slice cache of the folder.
 
@@ -35,7 +35,8 @@ from ich.data.dicom import DicomReadError, read_hu_square
 from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
-from ich.operating import HEADLINE_LABEL, exam_scores
+from ich.exam import series_exam_probabilities
+from ich.operating import HEADLINE_LABEL
 from ich.sequence import SequenceLitModule, is_stage_two, predict_series
 from ich.privacy import pseudonym
 from ich.results import write_atomic
@@ -102,8 +103,7 @@ def load_predictor(ckpt_path: str, batch_size: int) -> Predictor:
     def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs = np.concatenate([deployed(hu[stacks[start:start + batch_size]])
                                 for start in range(0, len(stacks), batch_size)])
-        one_exam = np.zeros(len(probs))  # an exam's score is its highest slice probability (ich.operating)
-        return probs, np.array([exam_scores(probs[:, k], one_exam, one_exam)[0][0] for k in range(probs.shape[1])])
+        return probs, series_exam_probabilities(probs)
 
     return Predictor(labels=tuple(deployed.labels), thresholds=deployed.thresholds,
                      thresholds_chosen=deployed.thresholds_chosen, task=deployed.task, inputs=deployed.inputs,

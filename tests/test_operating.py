@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from ich.exam import exam_scores
 from ich.operating import (
     auroc,
     calibration_bins,
     choose_thresholds,
-    exam_scores,
     expected_calibration_error,
     fit_temperature,
     honest_metrics,
