@@ -71,7 +71,8 @@ class Deployed:
         thresholds_chosen: whether they were chosen on the validation patients; False means the fixed
             `threshold` of training (0.5 by default), which is no operating point.
         temperature: the logits' divisor before the sigmoid/softmax (1 unless calibrated).
-        inputs: the checkpoint's inputs: source, windows ([center, width] pairs), context, image_size, channels.
+        inputs: the checkpoint's inputs: source, windows ([center, width] pairs), context, image_size, channels,
+            modalities (read as CT).
         task: binary, subtype or multilabel (ich.tasks).
         source: the file the model was read from.
         run: int16 HU [B, 2k+1, S, S] -> probabilities, unchecked (call the Deployed itself instead).

@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     "AccessionNumber and file paths; keep them inside the hospital.")
     outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
     with input_folder(cfg.input) as folder:
-        scan = scan_folder(folder, int(cfg.min_slices))
+        scan = scan_folder(folder, int(cfg.min_slices), model.inputs["modalities"])
         if not scan.files:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")
         log.info("%d files: %d studies, %d files in no study", scan.files, len(scan.studies), len(scan.loose))

@@ -115,11 +115,12 @@ class SequenceNet(nn.Module):
 # --- series as items ------------------------------------------------------------------------------------
 
 
-def series_order(series: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows grouped by series and sorted by position along the head within each, whatever order they come in:
-    (order [N], starts [S + 1]); series s is rows order[starts[s]:starts[s + 1]], top to bottom."""
+def series_order(series: np.ndarray, slice_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by series and put in the index's slice order within each (`slice_index`, which
+    ich.data.order.slice_order decided), whatever order they come in: (order [N], starts [S + 1]); series s is
+    rows order[starts[s]:starts[s + 1]], in the order stage 1's context saw them."""
     codes = pd.factorize(series)[0]
-    order = np.lexsort((np.arange(len(codes)), position, codes))  # the last key sorts first
+    order = np.lexsort((slice_index, codes))  # the last key sorts first
     starts = np.concatenate([[0], np.flatnonzero(np.diff(codes[order])) + 1, [len(order)]])
     return order, starts
 

@@ -8,10 +8,10 @@ file lands in a study and series or in a counted, listed reason, and nothing her
 Per file, in this order (the first that applies is its reason): `dicomdir`, `not_dicom` (no DICOM at all),
 `no_preamble` (a raw dataset, not a DICOM file), `unreadable` (a header that does not parse, or one without
 Study/Series Instance UID: truncated), then the reader's own reasons `no_pixel_data` (structured and dose
-reports), `not_monochrome` (RGB screenshots), `multi_frame`, `not_ct`, and `localizer` (ImageType LOCALIZER),
-`no_position` (no ImagePositionPatient/ImageOrientationPatient, so no order), `not_axial` (a reformat),
-`duplicate` (a SOP Instance UID seen before). A series keeps its usable files; one left with fewer than
-`min_slices` is skipped as `too_few_slices`.
+reports), `not_monochrome` (RGB screenshots), `multi_frame`, `not_ct` (a Modality the model was not trained on),
+`localizer` (ImageType LOCALIZER), `not_axial` (a reformat), `duplicate` (another copy of a SOP Instance UID,
+whose pixels read). A series keeps its usable files, ordered as the index orders them (ich.data.order); one
+left with fewer than `min_slices` is skipped as `too_few_slices`.
 """
 
 import math
@@ -19,17 +19,19 @@ import statistics
 import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom import config
 from pydicom.dataset import Dataset
 from tqdm.auto import tqdm
 
-from ich.data.dicom import first_float, slice_position, tag_value
+from ich.data.dicom import CT_ONLY, DicomReadError, first_float, read_hu, slice_position, tag_value
+from ich.data.order import slice_order
 from ich.privacy import pseudonym
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
@@ -57,6 +59,7 @@ class ImageFile:
     accession: str = ""
     series_number: str = ""
     position: float = math.nan  # mm along the slice normal (ich.data.dicom.slice_position)
+    instance: float = math.nan  # InstanceNumber: the order of a series whose positions do not tell slices apart
     thickness: float = math.nan  # SliceThickness, mm
     kernel: str = ""  # ConvolutionKernel, its values joined by "/"
 
@@ -67,9 +70,10 @@ class Series:
 
     key: str  # pseudonym of the SeriesInstanceUID
     number: str  # SeriesNumber as stored ("" if missing): how a radiologist finds it, no identifier
-    slices: list[ImageFile]  # the usable files, ordered by position along the slice normal
+    slices: list[ImageFile]  # the usable files, feet to head (ich.data.order.slice_order)
     left_out: list[ImageFile] = field(default_factory=list)  # its files that are not used, each with its reason
     reason: str = ""  # why the whole series is skipped; "" when it is predicted
+    order: str = "position"  # what the slice order rests on: position, instance or file (ich.data.order)
 
     @property
     def skipped(self) -> Counter:
@@ -78,10 +82,13 @@ class Series:
 
     @property
     def thickness(self) -> float:
-        """SliceThickness (the median over slices), or the median spacing of the positions when it is missing."""
+        """SliceThickness (the median over slices), or the median spacing of the positions when it is missing and
+        the positions order the slices."""
         stored = [image.thickness for image in self.slices if not math.isnan(image.thickness)]
         if stored:
             return float(statistics.median(stored))
+        if self.order != "position":
+            return math.nan
         steps = [b.position - a.position for a, b in zip(self.slices, self.slices[1:])]
         return float(statistics.median(steps)) if steps else math.nan
 
@@ -163,10 +170,14 @@ def input_folder(path: str | Path) -> Iterator[Path]:
         yield Path(folder)
 
 
-def scan_folder(root: Path, min_slices: int) -> Scan:
-    """Read the header of every file under `root` (any depth, any name) and group them into studies and series."""
+def scan_folder(root: Path, min_slices: int, modalities: Sequence[str] = CT_ONLY) -> Scan:
+    """Read the header of every file under `root` (any depth, any name) and group them into studies and series.
+
+    `modalities` are the Modality values read as CT: those the model's training data admitted (data.modalities).
+    """
     paths = sorted(path for path in root.rglob("*") if path.is_file())
-    images = [read_image_header(path) for path in tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0,
+    admitted = frozenset(m.strip().upper() for m in modalities)
+    images = [read_image_header(path, admitted) for path in tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0,
                                                        disable=len(paths) < 500)]
     loose = [image for image in images if not image.study_uid]
     by_study: dict[str, list[ImageFile]] = {}
@@ -190,23 +201,35 @@ def _study(uid: str, files: list[ImageFile], min_slices: int) -> Study:
 
 def _series(uid: str, files: list[ImageFile], min_slices: int) -> Series:
     left_out = [image for image in files if image.reason]
-    usable, seen = [], set()
+    copies: dict[str, list[ImageFile]] = {}
     for image in files:
-        if image.reason:
-            continue
-        if image.instance_uid and image.instance_uid in seen:
-            left_out.append(replace(image, reason="duplicate", detail="a second copy of an instance already read"))
-            continue
-        seen.add(image.instance_uid)
-        usable.append(image)
-    usable.sort(key=lambda image: image.position)
+        if not image.reason:
+            copies.setdefault(image.instance_uid or str(image.path), []).append(image)
+    usable = []
+    for group in copies.values():
+        kept = group[0] if len(group) == 1 else next((image for image in group if _reads(image.path)), group[0])
+        usable.append(kept)
+        left_out += [replace(image, reason="duplicate", detail="another copy of an instance that is read")
+                     for image in group if image is not kept]
+    order, source = slice_order(np.array([image.position for image in usable]),
+                                np.array([image.instance for image in usable]), [str(image.path) for image in usable])
     number = next((image.series_number for image in files if image.series_number), "")
-    series = Series(key=pseudonym(uid), number=number, slices=usable, left_out=left_out)
+    series = Series(key=pseudonym(uid), number=number, slices=[usable[i] for i in order], left_out=left_out,
+                    order=source)
     if not usable:
         series.reason = ", ".join(reason for reason, _ in series.skipped.most_common())
     elif len(usable) < min_slices:
         series.reason = "too_few_slices"
     return series
+
+
+def _reads(path: Path) -> bool:
+    """Whether a file's pixels decode: of several copies of one instance, the one kept is one that does."""
+    try:
+        read_hu(path)
+    except DicomReadError:
+        return False
+    return True
 
 
 def _number_order(number: str) -> tuple[float, str]:
@@ -217,8 +240,10 @@ def _number_order(number: str) -> tuple[float, str]:
 # --- one file's header --------------------------------------------------------------------------------
 
 
-def read_image_header(path: Path) -> ImageFile:
-    """The header of one file, pixels left on disk; a file that is no usable axial CT slice gets its reason."""
+def read_image_header(path: Path, modalities: frozenset[str] = frozenset(CT_ONLY)) -> ImageFile:
+    """The header of one file, pixels left on disk; a file that is no usable axial CT slice gets its reason.
+
+    `modalities` are the Modality values read as CT, upper case."""
     if path.name.upper() == "DICOMDIR":
         return ImageFile(path, "dicomdir", "the folder's DICOMDIR index, not an image")
     try:
@@ -230,7 +255,7 @@ def read_image_header(path: Path) -> ImageFile:
         # RSNA-style `ID_...` UIDs fail value validation; the values are parsed here, as ich.data.dicom does
         with config.disable_value_validation():
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=not preamble)
-            return _classify(path, ds, preamble)
+            return _classify(path, ds, preamble, modalities)
     except Exception as err:  # a parser fed arbitrary bytes fails in many ways; each means the same here
         if not preamble:
             return ImageFile(path, "not_dicom", "not a DICOM file")
@@ -238,7 +263,7 @@ def read_image_header(path: Path) -> ImageFile:
         return ImageFile(path, "unreadable", f"a header that cannot be parsed ({why})")
 
 
-def _classify(path: Path, ds: Dataset, preamble: bool) -> ImageFile:
+def _classify(path: Path, ds: Dataset, preamble: bool, modalities: frozenset[str]) -> ImageFile:
     meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if hasattr(ds, "file_meta") else ""
     if meta_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return ImageFile(path, "dicomdir", "a DICOMDIR index, not an image")
@@ -256,15 +281,16 @@ def _classify(path: Path, ds: Dataset, preamble: bool) -> ImageFile:
         instance_uid=str(ds.get("SOPInstanceUID", "")), accession=str(ds.get("AccessionNumber", "")),
         series_number=str(ds.get("SeriesNumber", "") or ""),
     )
-    reason, detail = _unusable(ds)
+    reason, detail = _unusable(ds, modalities)
     if reason:
         return ImageFile(reason=reason, detail=detail, **known)
     kernel = "/".join(str(value).strip() for value in _values(ds.get("ConvolutionKernel")))
     return ImageFile(position=slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
-                     thickness=first_float(ds.get("SliceThickness")), kernel=kernel, **known)
+                     instance=first_float(ds.get("InstanceNumber")), thickness=first_float(ds.get("SliceThickness")),
+                     kernel=kernel, **known)
 
 
-def _unusable(ds: Dataset) -> tuple[str, str]:
+def _unusable(ds: Dataset, modalities: frozenset[str]) -> tuple[str, str]:
     """(reason, detail) when the file is no axial CT slice to predict on, ("", "") when it is one."""
     rows, columns = int(tag_value(ds, "Rows", 0) or 0), int(tag_value(ds, "Columns", 0) or 0)
     modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: CT, as ich.data.dicom reads it
@@ -277,16 +303,14 @@ def _unusable(ds: Dataset) -> tuple[str, str]:
     frames = int(first_float(tag_value(ds, "NumberOfFrames", 1) or 1))
     if frames > 1:
         return "multi_frame", f"{frames} frames in one file, not one CT slice"
-    if modality != "CT":
-        return "not_ct", f"a {modality} image, not CT"
+    if modality not in modalities:
+        return "not_ct", f"a {modality} image, not {'/'.join(sorted(modalities))}"
     image_type = [str(value).upper() for value in _values(ds.get("ImageType"))]
     if "LOCALIZER" in image_type:
         return "localizer", "a localizer (scout) image"
-    orientation, position = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
-    if math.isnan(slice_position(position, orientation)):
-        return "no_position", "no ImagePositionPatient/ImageOrientationPatient, so no slice order"
-    # the z component of the unit slice normal: the position (0, 0, 1) projected on the normal
-    normal_z = slice_position((0.0, 0.0, 1.0), orientation)
+    # the z component of the unit slice normal: the position (0, 0, 1) projected on the normal (nan without
+    # ImageOrientationPatient: such a series is read in InstanceNumber or file order, as the index reads it)
+    normal_z = slice_position((0.0, 0.0, 1.0), ds.get("ImageOrientationPatient"))
     if abs(normal_z) < AXIAL_MIN_COSINE:
         tilt = math.degrees(math.acos(min(1.0, abs(normal_z))))
         return "not_axial", f"slices {tilt:.0f} degrees off axial (a coronal or sagittal reformat)"

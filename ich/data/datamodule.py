@@ -209,14 +209,16 @@ class ICHDataModule(pl.LightningDataModule):
     # -- what the model needs to know about its inputs --------------------------------------------
     @property
     def inputs(self) -> dict:
-        """How a slice becomes the model's input: saved in checkpoints (ich.module), so that evaluation and
-        prediction shape new data exactly as training did, and refuse data options that contradict it."""
+        """How a slice becomes the model's input, and which Modality values were read as CT slices: saved in
+        checkpoints (ich.module), so that evaluation and prediction shape and admit new data exactly as training
+        did, and refuse data options that contradict it."""
         return {
             "source": "images" if self.source == "images" else "dicom",
             "windows": None if self.source == "images" else [[w.center, w.width] for w in self.windows],
             "context": self.context,
             "image_size": self.image_size,
             "channels": self.num_channels,
+            "modalities": list(self.modalities),
         }
 
     # -- the full table of usable slices --------------------------------------------------------

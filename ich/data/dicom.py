@@ -23,7 +23,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 AIR_HU = -1024.0
 MAX_HU = 3071.0
 # Bump when read_hu_square gives other pixels for some file: slice caches of another version are rebuilt.
-READER_VERSION = 2
+# 3: slices stored mirrored or turned are turned to the standard axial orientation.
+READER_VERSION = 3
 # Uncompressed little-endian 16-bit data is read straight from the bytes: pydicom's generic decoder
 # adds ~0.7 ms per 512x512 slice (gathering options, copying), more than parsing the file itself.
 _NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
@@ -95,10 +96,11 @@ def first_float(value: object) -> float:
 
 
 def slice_position(image_position: Sequence | None, image_orientation: Sequence | None) -> float:
-    """Distance (mm) of a slice along its normal: the sort key of a series.
+    """Distance (mm) of a slice along its normal turned toward the head: the sort key of a series, feet to head.
 
     Plain z is wrong on tilted gantries, where slices also shift along y; the projection of
-    ImagePositionPatient on row x column (the normal) is not.
+    ImagePositionPatient on row x column (the normal) is not. A mirrored orientation such as
+    [-1,0,0,0,1,0] makes row x column point to the feet, so the normal is turned toward +z (LPS: the head).
     """
     if image_position is None or image_orientation is None:
         return math.nan
@@ -110,7 +112,33 @@ def slice_position(image_position: Sequence | None, image_orientation: Sequence 
     length = math.sqrt(sum(n * n for n in normal))
     if length == 0:
         return math.nan
+    if normal[2] < 0:
+        length = -length
     return sum(float(p) * n for p, n in zip(image_position, normal)) / length
+
+
+def standard_plane(hu: np.ndarray, image_orientation: Sequence[float] | None) -> np.ndarray:
+    """An axial slice turned to the standard orientation [1,0,0,0,1,0] that RSNA's slices have: the patient's right
+    on the image's left, anterior at the top. A series stored mirrored or turned then gives the model the pixels
+    it was trained on.
+
+    Each cosine vector is snapped to its dominant axis, so a tilted gantry ([1,0,0,0,0.98,-0.2]) counts as standard
+    and costs nothing; slices that are not axial (reformats) and slices without orientation are kept as stored.
+    """
+    if image_orientation is None or len(image_orientation) != 6:
+        return hu
+    row, column = image_orientation[:3], image_orientation[3:]
+    row_axis = max(range(3), key=lambda axis: abs(row[axis]))
+    column_axis = max(range(3), key=lambda axis: abs(column[axis]))
+    if {row_axis, column_axis} != {0, 1}:
+        return hu
+    if row_axis == 1:  # columns run along y and rows along x: swap them
+        hu, row, column = hu.T, column, row
+    if row[0] < 0:
+        hu = hu[:, ::-1]
+    if column[1] < 0:
+        hu = hu[::-1, :]
+    return hu if hu.flags.c_contiguous else np.ascontiguousarray(hu)
 
 
 def read_header(path: str | Path, modalities: Sequence[str] = CT_ONLY) -> SliceHeader:
@@ -138,8 +166,8 @@ def read_hu(path: str | Path) -> np.ndarray:
     """Read a slice as an HxW float32 image in HU, as read_slice does; a `.npy` is a slice that
     ich.data.nifti unpacked from a volume, already in HU.
 
-    Only the pixel tags are parsed: the identity and position tags cost about a fifth of a read. The
-    modality is not checked: the index decided which files to admit (data.modalities).
+    Only the pixel tags and ImageOrientationPatient (to turn the slice to the standard orientation) are parsed:
+    the identity and position tags cost about a fifth of a read. The modality is not checked: the index decided which files to admit (data.modalities).
     """
     if Path(path).suffix == UNPACKED_SUFFIX:
         return _unpacked_hu(path)
@@ -308,6 +336,9 @@ _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
 )}
 
 
+_ORIENTATION_TAG = tag_for_keyword("ImageOrientationPatient")
+
+
 def _bad_header(path: str | Path, err: Exception) -> DicomReadError:
     return DicomReadError(
         path, "bad_header", f"{path} has a tag that cannot be parsed ({error_line(err)}): fix or re-export the file."
@@ -341,7 +372,25 @@ def _optional_int(path: str | Path, ds: Dataset, keyword: str) -> int | None:
 
 
 def _pixels_in_hu(path: str | Path, ds: Dataset, header: PixelFormat) -> np.ndarray:
-    return _to_hu(_stored_pixels(path, ds, header), header, _optional_int(path, ds, "PixelPaddingValue"))
+    hu = _to_hu(_stored_pixels(path, ds, header), header, _optional_int(path, ds, "PixelPaddingValue"))
+    return standard_plane(hu, _orientation(path, ds))
+
+
+def _orientation(path: str | Path, ds: Dataset) -> list[float] | None:
+    """ImageOrientationPatient as six numbers, read from the raw bytes like tag_value; None when it is missing or
+    does not hold six values (the pixels then stay as stored)."""
+    element = ds.get_item(_ORIENTATION_TAG)
+    value = None if element is None else element.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, str):
+        value = value.strip(" \0").split("\\")
+    if not isinstance(value, Sequence) or len(value) != 6:
+        return None
+    try:
+        return [float(v) for v in value]
+    except ValueError as err:
+        raise _bad_header(path, err) from err
 
 
 def _stored_pixels(path: str | Path, ds: Dataset, header: PixelFormat) -> np.ndarray:

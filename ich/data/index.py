@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,17 +23,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ich.data.dicom import CT_ONLY, DicomReadError, read_slice
+from ich.data.order import ORDER_SOURCES, slice_order
 from ich.privacy import pseudonym
 from ich.results import write_atomic
 from ich.tasks import LABELS
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 3  # 3: InstanceNumber and the source of each series' slice order (`instance`, `order`)
+# 3: InstanceNumber and the source of each series' slice order (`instance`, `order`); 4: positions along the normal
+# turned toward the head, and positions that do not tell slices apart ordered as missing ones (ich.data.order)
+INDEX_VERSION = 4
 BRAIN_HU = (0.0, 80.0)  # the brain window: CSF, grey and white matter, fresh blood
-# How a series' slices were put in order, in the index's `order` column: along the slice normal (DICOM
-# position tags, or a NIfTI volume's affine), by InstanceNumber, or by file name.
-ORDER_SOURCES = ("position", "instance", "file")
 
 
 @dataclass
@@ -97,40 +96,30 @@ def _scan_all(paths: list[str], workers: int, modalities: Sequence[str]) -> list
         return list(tqdm(pool.map(scan, paths, chunksize=32), **progress))
 
 
-def natural_key(name: str) -> tuple:
-    """Sort key that puts `slice2` before `slice10`: digit runs compare as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
-
-
 def add_slice_order(index: pd.DataFrame) -> pd.DataFrame:
-    """Order slices within each series, and record in `order` what the order rests on.
-
-    By position along the slice normal when every slice of the series has one (RSNA files have no
-    InstanceNumber, and file names carry no order); else by InstanceNumber when every slice has one
-    (secondary captures converted from volumes often lack position tags); else by file name, digits
-    compared as numbers.
-    """
-    series = index["series"]
-    instance = index["instance"] if "instance" in index else pd.Series(np.nan, index=index.index)
-    by_position = index["position"].notna().groupby(series).transform("all").to_numpy()
-    by_instance = ~by_position & instance.notna().groupby(series).transform("all").to_numpy()
-    by_file = ~by_position & ~by_instance
-    key = np.where(by_position, index["position"].to_numpy(np.float64), instance.to_numpy(np.float64))
-    if by_file.any():
-        names = index.loc[by_file, "path"].tolist()
-        ranks = np.empty(len(names))
-        ranks[sorted(range(len(names)), key=lambda i: natural_key(names[i]))] = np.arange(len(names))
-        key[by_file] = ranks
-    order = np.select([by_position, by_instance], ["position", "instance"], "file")
-    index = index.assign(order=pd.Categorical(order, categories=ORDER_SOURCES), _key=key)
-    index = index.sort_values(["series", "_key", "image_id"], kind="stable").drop(columns="_key")
-    index["slice_index"] = index.groupby("series").cumcount().astype("int32")
+    """Order slices within each series by ich.data.order.slice_order, and record in `order` what the order rests
+    on (RSNA files: position; secondary captures converted from volumes: often InstanceNumber)."""
+    codes = pd.factorize(index["series"])[0]
+    rows = np.argsort(codes, kind="stable")
+    starts = np.flatnonzero(np.diff(codes[rows])) + 1
+    positions = index["position"].to_numpy(np.float64)
+    instances = index["instance"].to_numpy(np.float64) if "instance" in index else np.full(len(index), np.nan)
+    names = index["path"].to_numpy()
+    slice_index = np.empty(len(index), np.int32)
+    source = np.empty(len(index), object)
+    for members in np.split(rows, starts):
+        order, how = slice_order(positions[members], instances[members], names[members])
+        slice_index[members[order]] = np.arange(len(members))
+        source[members] = how
+    index = index.assign(order=pd.Categorical(source, categories=ORDER_SOURCES), slice_index=slice_index)
+    index = index.sort_values(["series", "slice_index"], kind="stable")
     index["series_length"] = index.groupby("series")["image_id"].transform("size").astype("int32")
-    for source, how in (("instance", "InstanceNumber"), ("file", "file name")):
-        count = index.loc[index["order"] == source, "series"].nunique()
+    for how, named in (("instance", "InstanceNumber"), ("file", "file name")):
+        count = index.loc[index["order"] == how, "series"].nunique()
         if count:
-            log.warning("%d series have slices without ImagePositionPatient: ordered by %s (the index's `order` "
-                        "column says which), so data.context rests on that order", count, how)
+            log.warning("%d series have slices whose ImagePositionPatient is missing or the same as another's: "
+                        "ordered by %s (the index's `order` column says which), so data.context rests on that order",
+                        count, named)
     return index.reset_index(drop=True)
 
 
