@@ -2,8 +2,9 @@
 
 A folder from a PACS is not Kaggle's flat folder of axial slices (see DOMAIN.md, "From slices to a study"):
 nested patient/study/series folders, files without `.dcm`, a DICOMDIR, scouts, bone-kernel and thin
-reconstructions, coronal reformats, dose reports and screenshots. Only headers are read here (no pixels), every
-file lands in a study and series or in a counted, listed reason, and nothing here is fatal.
+reconstructions, coronal reformats, dose reports and screenshots. Only headers are read here (pixels only of an
+instance stored twice, to keep a copy that reads), every file lands in a study and series or in a counted, listed
+reason, and nothing here is fatal.
 
 Per file, in this order (the first that applies is its reason): `dicomdir`, `not_dicom` (no DICOM at all),
 `no_preamble` (a raw dataset, not a DICOM file), `unreadable` (a header that does not parse, or one without
@@ -177,8 +178,8 @@ def scan_folder(root: Path, min_slices: int, modalities: Sequence[str] = CT_ONLY
     """
     paths = sorted(path for path in root.rglob("*") if path.is_file())
     admitted = frozenset(m.strip().upper() for m in modalities)
-    images = [read_image_header(path, admitted) for path in tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0,
-                                                       disable=len(paths) < 500)]
+    progress = tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0, disable=len(paths) < 500)
+    images = [read_image_header(path, admitted) for path in progress]
     loose = [image for image in images if not image.study_uid]
     by_study: dict[str, list[ImageFile]] = {}
     for image in images:

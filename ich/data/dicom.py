@@ -167,7 +167,8 @@ def read_hu(path: str | Path) -> np.ndarray:
     ich.data.nifti unpacked from a volume, already in HU.
 
     Only the pixel tags and ImageOrientationPatient (to turn the slice to the standard orientation) are parsed:
-    the identity and position tags cost about a fifth of a read. The modality is not checked: the index decided which files to admit (data.modalities).
+    the identity and position tags cost about a fifth of a read. The modality is not checked: the index decided
+    which files to admit (data.modalities).
     """
     if Path(path).suffix == UNPACKED_SUFFIX:
         return _unpacked_hu(path)
@@ -334,9 +335,7 @@ _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
     "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "Modality",
     "PixelPaddingValue",
 )}
-
-
-_ORIENTATION_TAG = tag_for_keyword("ImageOrientationPatient")
+_ORIENTATION_TAG = tag_for_keyword("ImageOrientationPatient")  # read by _orientation, as tag_value reads _TAGS
 
 
 def _bad_header(path: str | Path, err: Exception) -> DicomReadError:
