@@ -112,7 +112,7 @@ class Series:
 
     @property
     def contrast(self) -> bool:
-        """Contrast given (ContrastBolusAgent) or named (CTA, angio, post-contrast): vessels and plexus look like blood."""
+        """Contrast given (ContrastBolusAgent) or named (CTA, angio, post-contrast): it looks like blood."""
         tags = {(image.description, image.contrast_agent) for image in self.slices}
         return any(contrast_series(description, agent) for description, agent in tags)
 
@@ -132,7 +132,8 @@ class Series:
         low, high = self.span
         extent = "" if math.isnan(low) else f", {low:.1f} to {high:.1f} mm"
         contrast = ", contrast" if self.contrast else ""
-        return f"{name}: {len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}{thickness}{kernel}{extent}{contrast}"
+        count = f"{len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}"
+        return f"{name}: {count}{thickness}{kernel}{extent}{contrast}"
 
 
 @dataclass
@@ -307,9 +308,10 @@ def _series(uid: str, files: list[ImageFile], min_slices: int) -> Series:
 
 def repeated_positions(series: Series) -> str:
     """Why a series whose positions repeat is no volume ("" when they do not): a perfusion or dynamic series
-    scans one slab again and again, so its neighbours in position order are the same place at other times."""
+    scans one slab again and again, so its neighbours in position order are the same place at other times. It is
+    one when more than half of its positions hold several slices; a slice sent twice is no time series."""
     counts = Counter(round(image.position, 2) for image in series.slices if not math.isnan(image.position))
-    if len(counts) < 2 or sum(counts.values()) == len(counts):
+    if len(counts) < 2 or 2 * sum(count > 1 for count in counts.values()) <= len(counts):
         return ""  # one position for all is no order at all (a converted volume), not a time series
     times = set(counts.values())
     shape = (f"{len(counts)} positions x {times.pop()} time points" if len(times) == 1 else

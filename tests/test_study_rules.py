@@ -20,7 +20,7 @@ from ich.evaluate import run as evaluate
 from ich.phantom import plan_patients, render_series
 from ich.predict import run as predict_run
 from ich.privacy import pseudonym
-from ich.study import ImageFile, Series, choice_key, contrast_series, read_on, scan_folder
+from ich.study import ImageFile, Series, choice_key, contrast_series, read_on, repeated_positions, scan_folder
 from ich.train import run as train
 
 # Its module fixtures train a model and predict once; under pytest-xdist (`--dist loadgroup`) the module stays on
@@ -149,8 +149,8 @@ def fake_series(number: str, z: list[float], thickness: float, kernel: str = "H3
 def test_a_perfusion_series_is_skipped_with_its_reason_and_the_plain_series_is_read(scanned):
     stroke = scanned["stroke"]
     reasons = {series.number: series.reason for series in stroke.series}
-    assert reasons == {"1": "localizer", "2": "", "3": "", "4": "", "5": "", "6": "perfusion", "7": "", "8": "not_axial",
-                       "9": ""}
+    assert reasons == {"1": "localizer", "2": "", "3": "", "4": "", "5": "", "6": "perfusion", "7": "",
+                       "8": "not_axial", "9": ""}
     perfusion = next(series for series in stroke.series if series.number == "6")
     assert perfusion.detail == ("positions repeat: 8 positions x 20 time points, a perfusion or dynamic series, "
                                 "not a volume")
@@ -158,6 +158,14 @@ def test_a_perfusion_series_is_skipped_with_its_reason_and_the_plain_series_is_r
     ranked = numbered(sorted(stroke.eligible, key=choice_key))
     assert ranked.index("2") < ranked.index("9")  # converted files without positions never before the plain series
     assert ranked[-1] == "5"  # the angiogram after every plain series
+
+
+def test_a_slice_sent_twice_is_no_perfusion_series_but_a_slab_scanned_twice_is():
+    sent_twice = fake_series("2", [5.0 * k for k in range(10)] + [15.0], 5.0)
+    assert repeated_positions(sent_twice) == ""
+    two_times = fake_series("3", [5.0 * (k % 4) for k in range(8)], 5.0)
+    assert repeated_positions(two_times) == ("positions repeat: 4 positions x 2 time points, a perfusion or dynamic "
+                                             "series, not a volume")
 
 
 def test_contrast_series_rank_after_every_plain_series():
