@@ -165,14 +165,14 @@ def run(cfg: DictConfig) -> pd.DataFrame:
             try:
                 outputs.add(predict_study(study, model, int(cfg.min_slices)), folder)
             except Exception as err:  # the study's boundary: whatever breaks one study must not cost the others
-                reason = failure(err)
+                reason = failure_reason(err)
                 log.error("Study %s failed and is listed as failed: %s", study.key, reason)
                 outputs.add_failed(study, reason, folder)
         outputs.finish(scan, str(cfg.input) if keep_ids else None)
     return outputs.studies_table()
 
 
-def failure(err: Exception) -> str:
+def failure_reason(err: Exception) -> str:
     """Why a study failed, in one line without identifiers: paths and UIDs in the message are replaced."""
     text = re.sub(r"\S*[/\\]\S*", "<path>", " ".join(str(err).split()))
     text = re.sub(r"\b\d+(\.\d+){3,}\b", "<uid>", text)
@@ -283,11 +283,12 @@ class Outputs:
 
     def add_failed(self, study: Study, reason: str, root: Path) -> None:
         """A study that could not be predicted: listed with its reason, in studies.csv and the report."""
-        row = self.study_row(StudyResult(study, [], []), failed=reason)
+        unread = StudyResult(study, [], [])
+        row = self.study_row(unread, failed=reason)
         self.studies.append(row)
         self.skipped += self.skipped_rows(study, root)
-        self.series += self.series_rows(StudyResult(study, [], []))
-        self.sections.append(self.study_section(row, StudyResult(study, [], []), []))
+        self.series += self.series_rows(unread)
+        self.sections.append(self.study_section(row, unread, []))
 
     def study_row(self, result: StudyResult, failed: str = "") -> dict:
         study, read = result.study, result.read

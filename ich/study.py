@@ -51,7 +51,7 @@ CONTRAST_WORDS = re.compile(r"(?<![A-Z0-9])(CTA|CTV|ANGIO[A-Z]*|VENO[A-Z]*|CONTR
 NO_CONTRAST = re.compile(r"(?<![A-Z0-9])((W/?O|WITHOUT|NON|NO|PRE)[\s/_-]*(IV[\s_-]*)?(CONTRAST|CON|C|ENHANCED)"
                          r"|NONCON[A-Z]*|C-)(?![A-Z0-9])")
 NO_AGENT = re.compile(r"^\W*(NONE|NO|N/?A|0)?\W*$")  # ContrastBolusAgent values that name no agent
-# A series joins the reading of its study when less than this share of its extent lies in the ranges already read
+# A series joins the reading of its study when less than this share of its span lies in the spans already read
 JOIN_OVERLAP = 0.5
 
 
@@ -312,7 +312,7 @@ def repeated_positions(series: Series) -> str:
     one when more than half of its positions hold several slices; a slice sent twice is no time series."""
     counts = Counter(round(image.position, 2) for image in series.slices if not math.isnan(image.position))
     if len(counts) < 2 or 2 * sum(count > 1 for count in counts.values()) <= len(counts):
-        return ""  # one position for all is no order at all (a converted volume), not a time series
+        return ""  # one position for all is no order (a converted volume); a few repeats, slices sent twice
     times = set(counts.values())
     shape = (f"{len(counts)} positions x {times.pop()} time points" if len(times) == 1 else
              f"{sum(counts.values())} slices at {len(counts)} positions")
