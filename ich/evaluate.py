@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ich.data.datamodule import ICHDataModule
+from ich.data.index import add_slice_order
 from ich.data.windows import parse_windows
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
@@ -34,6 +35,7 @@ from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
 from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
 from ich.sequence import SequenceLitModule, exam_score_metrics, is_stage_two, stage_two_data
+from ich.study import files_read
 from ich.tasks import LABELS, Task
 
 log = logging.getLogger(__name__)
@@ -218,8 +220,9 @@ def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
 def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path) -> dict[str, float]:
     """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
 
-    Every slice under `study_images` is predicted; a study's score is its highest `any` probability
-    (ich.exam.exam_scores) and it is called positive at the checkpoint's operating threshold. Writes
+    Each study under `study_images` is read on the series predict.py reads it on (ich.study.read_on); its score
+    is the highest `any` probability of their slices (ich.exam.exam_scores) and it is called positive at the
+    checkpoint's operating threshold. Writes
     metrics.json (exam AUROC, sensitivity and specificity with bootstrap intervals over studies) and studies.csv.
     """
     if not isinstance(model, ICHLitModule):
@@ -233,6 +236,10 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     images = Path(cfg.study_images).expanduser()
     truth = read_study_labels(Path(cfg.study_labels).expanduser(), str(cfg.study_id), list(cfg.study_reads))
     index = datamodule.folder_index(images)
+    # each study scored on the series predict.py reads it on (ich.study.read_on), not on scouts, bone or perfusion;
+    # min_slices=1: a labelled study is scored on whatever series it has, however short
+    read = files_read(index["path"].tolist(), min_slices=1)
+    index = add_slice_order(index[index["path"].isin({str(path) for path in read})])
     study = study_of_slices(index, truth, images, str(cfg.study_id))
 
     dataset = datamodule.folder_dataset(index, ids=np.arange(len(index)))  # file names repeat across series

@@ -3,9 +3,10 @@
 The folder is read as a hospital exports it (ich.study): files are grouped by study and series from their
 headers alone, and each study is read on its axial CT series, the others skipped with their reason. Each
 eligible series is predicted slice by slice as the model was trained (the checkpoint's windows, context and
-size, through ich.deploy), its exam probability is its highest slice probability (ich.exam),
-and the study is answered by one series chosen by a fixed rule (ich.study.choice_key), the others listed. It
-streams: one study's pixels at a time, no index and no slice cache of the folder.
+size, through ich.deploy), its exam probability is its highest slice probability (ich.exam), and the study is
+answered by the series a fixed rule reads it on (ich.study.read_on: one, or the ranges of a split protocol), the
+others listed. A study that fails is listed as failed, and the others go on. It streams: one study's pixels at a
+time, no index and no slice cache of the folder.
 
 Outputs, in the run's own folder: studies.csv, slices.csv, series.csv, skipped_files.csv, heatmaps/ and
 report.html. They carry pseudonyms (ich.privacy), never names, birth dates, PatientID, UIDs or file paths,
@@ -14,6 +15,7 @@ unless keep_ids=true asks for StudyInstanceUID, AccessionNumber and paths.
 
 import html
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,15 +37,17 @@ from ich.data.dicom import DicomReadError, read_hu_square
 from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
-from ich.exam import series_exam_probabilities
+from ich.exam import combine_series, series_exam_probabilities
 from ich.operating import HEADLINE_LABEL
 from ich.sequence import SequenceLitModule, is_stage_two, predict_series
 from ich.privacy import pseudonym
 from ich.results import write_atomic
-from ich.study import ImageFile, Scan, Series, Study, choice_key, input_folder, scan_folder
+from ich.study import (TOO_FEW_SLICES, ImageFile, Scan, Series, Study, covered_mm, input_folder, read_on,
+                       scan_folder)
 
 log = logging.getLogger(__name__)
 
+CONTRAST_NOTE = "read on a contrast series: contrast in vessels and plexus looks like blood in the brain window"
 STRIP_THUMBNAILS = 20  # slices shown above the probability curve of a series (evenly spread)
 THUMBNAIL_PX = 64
 FOOTER = ("Written by ich predict.py: one self-contained page (no scripts, fonts or links). Studies are named by "
@@ -57,7 +61,7 @@ class SeriesResult:
     series: Series
     positions: np.ndarray  # mm along the slice normal, per slice read
     probs: np.ndarray  # float32 [N, K]
-    hu: np.ndarray  # int16 [N, S, S] as the model read them (kept for the chosen series' figures)
+    hu: np.ndarray  # int16 [N, S, S] as the model read them (kept for the figures of the series read)
     stacks: np.ndarray  # int [N, 2k+1]: each slice's context rows
     exam: np.ndarray  # float [K]: the series' exam probability per output (Predictor.exam_rule)
 
@@ -65,8 +69,13 @@ class SeriesResult:
 @dataclass
 class StudyResult:
     study: Study
-    results: list[SeriesResult]
-    chosen: SeriesResult | None
+    results: list[SeriesResult]  # every eligible series predicted
+    read: list[SeriesResult]  # the series the study is read on (ich.study.read_on), in position order
+
+    @property
+    def exam(self) -> np.ndarray:
+        """The study's exam probability per output: the highest of the series it is read on (ich.exam)."""
+        return combine_series([result.exam for result in self.read])
 
 
 # --- the model, whichever file it comes in ------------------------------------------------------------
@@ -153,13 +162,25 @@ def run(cfg: DictConfig) -> pd.DataFrame:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")
         log.info("%d files: %d studies, %d files in no study", scan.files, len(scan.studies), len(scan.loose))
         for study in tqdm(scan.studies, desc="Predicting studies", unit="study", disable=None):
-            outputs.add(predict_study(study, model, int(cfg.min_slices)), folder)
+            try:
+                outputs.add(predict_study(study, model, int(cfg.min_slices)), folder)
+            except Exception as err:  # the study's boundary: whatever breaks one study must not cost the others
+                reason = failure_reason(err)
+                log.error("Study %s failed and is listed as failed: %s", study.key, reason)
+                outputs.add_failed(study, reason, folder)
         outputs.finish(scan, str(cfg.input) if keep_ids else None)
     return outputs.studies_table()
 
 
+def failure_reason(err: Exception) -> str:
+    """Why a study failed, in one line without identifiers: paths and UIDs in the message are replaced."""
+    text = re.sub(r"\S*[/\\]\S*", "<path>", " ".join(str(err).split()))
+    text = re.sub(r"\b\d+(\.\d+){3,}\b", "<uid>", text)
+    return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
+
+
 def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResult:
-    """Predict each eligible series of one study and choose the one that answers for it (ich.study.choice_key).
+    """Predict each eligible series of one study and the series it is read on (ich.study.read_on).
 
     A slice whose pixels do not read is left out and listed; a series left with fewer than `min_slices` slices
     is skipped as too_few_slices.
@@ -177,7 +198,7 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
                 series.left_out.append(replace(image, reason=err.reason, detail=detail))
         series.slices = kept
         if len(kept) < min_slices:
-            series.reason = "too_few_slices"
+            series.reason, series.detail = "too_few_slices", TOO_FEW_SLICES
             continue
         hu = np.stack(planes)
         order = pd.DataFrame({"series": series.key, "slice_index": np.arange(len(kept)), "series_length": len(kept)})
@@ -185,11 +206,12 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
         positions = np.array([image.position for image in kept])
         probs, exam = model.series(hu, stacks, positions)
         results.append(SeriesResult(series, positions, probs, hu, stacks, exam))
-    chosen = min(results, key=lambda result: choice_key(result.series), default=None)
-    for result in results:  # only the chosen series' pixels are drawn; the others' are freed now
-        if result is not chosen:
+    predicted = {id(result.series): result for result in results}  # Series are mutable: keyed by identity
+    read = [predicted[id(series)] for series in read_on([result.series for result in results])]
+    for result in results:  # only the pixels of the series read are drawn; the others' are freed now
+        if all(result is not one for one in read):
             result.hu = result.hu[:0]
-    return StudyResult(study, results, chosen)
+    return StudyResult(study, results, read)
 
 
 # --- what a study's numbers say ---------------------------------------------------------------------
@@ -245,44 +267,64 @@ class Outputs:
         return relative if self.keep_ids else pseudonym(relative)
 
     def add(self, result: StudyResult, root: Path) -> None:
-        """One study's rows in every file, its heat maps (when positive) and its section of the report."""
+        """One study's rows in every file, its heat maps (when positive) and its section of the report, kept only
+        once all are made: a study that fails on the way leaves nothing half written."""
         row = self.study_row(result)
+        skipped = self.skipped_rows(result.study, root)
+        slices = [self.slice_rows(result.study, r, any(r is one for one in result.read)) for r in result.results]
+        series = self.series_rows(result)
+        tiles = self.draw_heatmaps(result) if row["positive"] == 1 else []
+        section = self.study_section(row, result, tiles)
         self.studies.append(row)
-        self.skipped += self.skipped_rows(result.study, root)
-        self.slices += [self.slice_rows(result.study, r, r is result.chosen) for r in result.results]
-        self.series += self.series_rows(result)
-        positive = result.chosen is not None and row["positive"] == 1
-        tiles = self.draw_heatmaps(result.study, result.chosen) if positive else []
-        self.sections.append(self.study_section(row, result, tiles))
+        self.skipped += skipped
+        self.slices += slices
+        self.series += series
+        self.sections.append(section)
 
-    def study_row(self, result: StudyResult) -> dict:
-        study, chosen = result.study, result.chosen
+    def add_failed(self, study: Study, reason: str, root: Path) -> None:
+        """A study that could not be predicted: listed with its reason, in studies.csv and the report."""
+        unread = StudyResult(study, [], [])
+        row = self.study_row(unread, failed=reason)
+        self.studies.append(row)
+        self.skipped += self.skipped_rows(study, root)
+        self.series += self.series_rows(unread)
+        self.sections.append(self.study_section(row, unread, []))
+
+    def study_row(self, result: StudyResult, failed: str = "") -> dict:
+        study, read = result.study, result.read
         row = {"study": study.key, "patient": study.patient, **self.ids(study)}
-        if chosen is None:
-            row.update(verdict="not read: no usable axial CT series", positive=np.nan, slices=0, series="", series_key="")
+        if not read:
+            text = f"failed: {failed}" if failed else "not read: no usable axial CT series"
+            row.update(verdict=text, positive=np.nan, slices=0, series="", series_key="", covered_mm=np.nan,
+                       contrast=np.nan)
             row.update({f"prob_{label}": np.nan for label in self.labels})
         else:
-            text, positive = verdict(self.labels, self.model.task, chosen.exam, self.thresholds)
-            row.update(verdict=text, positive=int(positive), slices=len(chosen.probs),
-                       series=chosen.series.describe(), series_key=chosen.series.key)
-            row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, chosen.exam)})
-            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, chosen.exam, self.thresholds)})
+            exam = result.exam
+            text, positive = verdict(self.labels, self.model.task, exam, self.thresholds)
+            contrast = all(r.series.contrast for r in read)
+            row.update(verdict=f"{text} ({CONTRAST_NOTE})" if contrast else text, positive=int(positive),
+                       slices=sum(len(r.probs) for r in read), series="; ".join(r.series.describe() for r in read),
+                       series_key=";".join(r.series.key for r in read),
+                       covered_mm=round(covered_mm([r.series for r in read]), 1), contrast=int(contrast))
+            row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
+            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, exam, self.thresholds)})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
             f"{r.series.describe()}: " + ", ".join(f"p({label}) {p:.3f}" for label, p in zip(self.labels, r.exam))
-            for r in result.results if r is not chosen)
+            for r in result.results if all(r is not one for one in read))
         row["skipped"] = "; ".join(skipped_lines(study))
+        row["failed"] = failed
         return row
 
     def skipped_rows(self, study: Study, root: Path) -> list[dict]:
         """Every file of the study that was not predicted: left out of its series, or in a series skipped whole."""
         rows = []
         for series in study.series:
-            too_few = [replace(image, reason=series.reason, detail="its series has fewer usable slices than min_slices")
-                       for image in series.slices] if series.reason else []
+            whole = [replace(image, reason=series.reason, detail=series.detail)
+                     for image in series.slices] if series.reason else []
             rows += [{"study": study.key, "series": series.key, "file": self.file_name(image, root),
-                      "reason": image.reason, "detail": image.detail} for image in series.left_out + too_few]
+                      "reason": image.reason, "detail": image.detail} for image in series.left_out + whole]
         return rows
 
     def slice_rows(self, study: Study, result: SeriesResult, used: bool) -> pd.DataFrame:
@@ -301,10 +343,12 @@ class Outputs:
             r = predicted.get(id(series))
             rows.append({
                 "study": result.study.key, "series": series.key, "number": series.number,
-                "role": "skipped" if r is None else "used" if r is result.chosen else "predicted",
+                "role": role(series, r, result.read),
                 "reason": series.reason, "slices": len(series.slices), "files_left_out": len(series.left_out),
                 "left_out": ", ".join(f"{reason}: {count}" for reason, count in sorted(series.skipped.items())),
-                "thickness_mm": round(series.thickness, 3) if series.slices else np.nan, "kernel": series.kernel,
+                "detail": series.detail, "thickness_mm": round(series.thickness, 3) if series.slices else np.nan,
+                "kernel": series.kernel, "contrast": int(series.contrast), "from_mm": round(series.span[0], 2),
+                "to_mm": round(series.span[1], 2),
                 **{f"prob_{label}": np.nan if r is None else float(r.exam[k]) for k, label in enumerate(self.labels)},
             })
         return rows
@@ -328,39 +372,48 @@ class Outputs:
                 "suspicious slices of each positive study: the slice in the brain window, and under its map (red: "
                 "the regions that raised the score most; each map scaled to its own maximum).")
 
-    def draw_heatmaps(self, study: Study, chosen: SeriesResult) -> list[tuple[np.ndarray, str]]:
-        """The most suspicious slices of the chosen series beside their Grad-CAM, written to heatmaps/ and returned
+    def draw_heatmaps(self, result: StudyResult) -> list[tuple[np.ndarray, str]]:
+        """The most suspicious slices of the series read beside their Grad-CAM, written to heatmaps/ and returned
         as report tiles."""
         if self.stage is None:
             return []
-        output = headline_output(self.labels, self.model.task, chosen.exam)
-        ranks = np.argsort(-chosen.probs[:, output], kind="stable")[: self.heatmaps]
-        maps = grad_cam(self.model.module, chosen.hu[chosen.stacks[ranks]], output)
+        output = headline_output(self.labels, self.model.task, result.exam)
+        suspicious = sorted(((-float(r.probs[rank, output]), n, rank) for n, r in enumerate(result.read)
+                             for rank in range(len(r.probs))))[: self.heatmaps]
         tiles = []
-        for rank, cam in zip(ranks, maps):
-            image = side_by_side(chosen.hu[rank], cam)
-            name = f"{study.key}_{chosen.series.key}_slice{rank + 1:03d}.png"
+        for _, n, rank in suspicious:
+            read = result.read[n]
+            cam = grad_cam(self.model.module, read.hu[read.stacks[[rank]]], output)[0]
+            image = side_by_side(read.hu[rank], cam)
+            name = f"{result.study.key}_{read.series.key}_slice{rank + 1:03d}.png"
             matplotlib.image.imsave(self.output_dir / "heatmaps" / name, image)
-            caption = (f"slice {rank + 1} of {len(chosen.probs)} ({chosen.positions[rank]:.1f} mm)\n"
-                       f"p({self.labels[output]}) = {chosen.probs[rank, output]:.3f}")
+            where = f"series {read.series.number}, " if len(result.read) > 1 else ""
+            caption = (f"{where}slice {rank + 1} of {len(read.probs)} ({read.positions[rank]:.1f} mm)\n"
+                       f"p({self.labels[output]}) = {read.probs[rank, output]:.3f}")
             tiles.append((image, caption))
         return tiles
 
     # --- the report -------------------------------------------------------------------------------
 
     def study_section(self, row: dict, result: StudyResult, tiles: list[tuple[np.ndarray, str]]) -> str:
-        study, chosen = result.study, result.chosen
+        study, read = result.study, result.read
         name = study_name(row, self.keep_ids)
-        if chosen is None:
+        if not read:
             body = f'<p class="verdict none">{html.escape(row["verdict"])}</p>' + self.skipped_html(study)
             return section(f"study-{study.key}", name, body)
         kind = "positive" if row["positive"] else "negative"
         parts = [f'<p class="verdict {kind}">{html.escape(row["verdict"])}</p>', self.outputs_table(row)]
-        parts.append(f'<p>Read on <b>{html.escape(chosen.series.describe())}</b>, the series the rule picks '
-                     "(a soft-tissue kernel first, then the thickness closest to 5 mm, then the most slices).</p>")
+        names = " and ".join(f"<b>{html.escape(r.series.describe())}</b>" for r in read)
+        parts.append(f"<p>Read on {names}, covering {row['covered_mm']:g} mm of the head along the slice normal: "
+                     "the series the rule picks (plain before contrast, a soft-tissue kernel, the thickness closest "
+                     "to 5 mm, the most slices), and each series of its kind that covers another range of the head "
+                     "(a split protocol). The study's exam probability is the highest of theirs.</p>")
+        if row["contrast"] == 1:
+            parts.append(f'<p class="note">This study has no plain series: it was {CONTRAST_NOTE}.</p>')
         if row["other_series"]:
             parts.append(f'<p class="note">Also predicted: {html.escape(row["other_series"])}.</p>')
-        parts.append(figure_tag(self.strip_figure(chosen), "the series' slices and the probability per slice"))
+        parts += [figure_tag(self.strip_figure(r, result.exam), f"{r.series.describe()}: its slices and the "
+                                                                "probability per slice") for r in read]
         if tiles:
             grid = "".join(tile_tag(image, caption) for image, caption in tiles)
             parts.append(f'<h3>Most suspicious slices</h3><div class="tiles heatmaps">{grid}</div>')
@@ -385,10 +438,10 @@ class Outputs:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         return f"<h3>Skipped</h3><ul>{items}</ul>"
 
-    def strip_figure(self, chosen: SeriesResult) -> Figure:
+    def strip_figure(self, read: SeriesResult, exam: np.ndarray) -> Figure:
         """Thumbnails of the series in the brain window above the probability of each output per slice, with the
         headline output's threshold."""
-        count = len(chosen.probs)
+        count = len(read.probs)
         ranks = np.arange(1, count + 1)
         shown = np.unique(np.linspace(0, count - 1, min(count, STRIP_THUMBNAILS)).round().astype(int))
         # thumbnails about square: each as tall as the plot width (~7.4 of the 10 inches) shares out among them
@@ -397,15 +450,15 @@ class Outputs:
         top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [strip, 2.2]})
         width = count / len(shown)
         for row in shown:
-            thumbnail = cv2.resize(BRAIN(chosen.hu[row]), (THUMBNAIL_PX, THUMBNAIL_PX), interpolation=cv2.INTER_AREA)
+            thumbnail = cv2.resize(BRAIN(read.hu[row]), (THUMBNAIL_PX, THUMBNAIL_PX), interpolation=cv2.INTER_AREA)
             top.imshow(thumbnail, cmap="gray", vmin=0, vmax=255, aspect="auto",
                        extent=(row + 1 - width / 2, row + 1 + width / 2, 0, 1))
         top.set_yticks([])
         top.set_facecolor("black")  # where rounding leaves a gap between thumbnails: air, not a white slice
         top.set_title("brain window, slices in position order", fontsize=9)
-        output = headline_output(self.labels, self.model.task, chosen.exam)
+        output = headline_output(self.labels, self.model.task, exam)
         for k, label in enumerate(self.labels):
-            bottom.plot(ranks, chosen.probs[:, k], marker="o", markersize=3, linewidth=2.2 if k == output else 1.0,
+            bottom.plot(ranks, read.probs[:, k], marker="o", markersize=3, linewidth=2.2 if k == output else 1.0,
                         label=label, color=f"C{k}")
         bottom.axhline(self.thresholds[output], color=f"C{output}", linestyle="--", linewidth=1,
                        label=f"threshold {self.thresholds[output]:.3g}")
@@ -413,7 +466,7 @@ class Outputs:
         bottom.set_ylim(-0.02, 1.02)
         bottom.set_ylabel("probability")
         ticks = np.unique(np.linspace(0, count - 1, min(count, 12)).round().astype(int))
-        bottom.set_xticks(ticks + 1, [f"{t + 1}\n{chosen.positions[t]:.0f} mm" for t in ticks], fontsize=8)
+        bottom.set_xticks(ticks + 1, [f"{t + 1}\n{read.positions[t]:.0f} mm" for t in ticks], fontsize=8)
         bottom.set_xlabel("slice (and its position along the slice normal)", fontsize=9)
         bottom.grid(alpha=0.3)
         bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
@@ -433,7 +486,8 @@ class Outputs:
             ("input", input_path if input_path is not None else "not written (keep_ids=false)"),
             ("files", f"{scan.files:,} read; {len(scan.loose):,} in no study" + _reasons(Counter(f.reason for f in scan.loose))),
             ("studies", f"{len(scan.studies):,}; {sum(1 for row in self.studies if row['positive'] == 1):,} positive, "
-                        f"{sum(1 for row in self.studies if row['slices'] == 0):,} not read"),
+                        f"{sum(1 for row in self.studies if row['slices'] == 0 and not row['failed']):,} not read, "
+                        f"{sum(1 for row in self.studies if row['failed']):,} failed"),
             ("series", f"{sum(row['role'] == 'used' for row in self.series):,} used, "
                        f"{sum(row['role'] == 'predicted' for row in self.series):,} also predicted, "
                        f"{sum(row['role'] == 'skipped' for row in self.series):,} skipped"
@@ -494,10 +548,18 @@ class Outputs:
         print_studies(studies, self.labels, self.keep_ids, self.output_dir)
 
 
+def role(series: Series, result: SeriesResult | None, read: list[SeriesResult]) -> str:
+    """A series' part in its study: `used` (read on), `predicted` (an alternative), `skipped`, or `failed` (its
+    study failed before it was read)."""
+    if result is None:
+        return "skipped" if series.reason else "failed"
+    return "used" if any(result is one for one in read) else "predicted"
+
+
 def skipped_lines(study: Study) -> list[str]:
     """What of a study was not predicted: skipped series with their reason, files left out of the others."""
-    lines = [f"{series.describe()}: skipped, {series.reason} ({files(len(series.slices) + len(series.left_out))})"
-             for series in study.series if series.reason]
+    lines = [f"{series.describe()}: skipped, {series.reason}" + (f": {series.detail}" if series.detail else "")
+             + f" ({files(len(series.slices) + len(series.left_out))})" for series in study.series if series.reason]
     lines += [f"{series.describe()}: {files(count)} left out, {reason}" for series in study.series if not series.reason
               for reason, count in sorted(series.skipped.items())]
     return lines

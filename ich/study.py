@@ -12,10 +12,12 @@ Study/Series Instance UID: truncated), then the reader's own reasons `no_pixel_d
 reports), `not_monochrome` (RGB screenshots), `multi_frame`, `not_ct` (a Modality the model was not trained on),
 `localizer` (ImageType LOCALIZER), `not_axial` (a reformat), `duplicate` (another copy of a SOP Instance UID,
 whose pixels read). A series keeps its usable files, ordered as the index orders them (ich.data.order); one
-left with fewer than `min_slices` is skipped as `too_few_slices`.
+left with fewer than `min_slices` is skipped as `too_few_slices`, one whose positions repeat as `perfusion`
+(DOMAIN.md, "Studies that fool a series rule"). Of the others, `read_on` says which a study is read on.
 """
 
 import math
+import re
 import statistics
 import tempfile
 import zipfile
@@ -36,6 +38,7 @@ from ich.data.order import slice_order
 from ich.privacy import pseudonym
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+TOO_FEW_SLICES = "its series has fewer usable slices than min_slices"
 # An axial slice's normal points along the patient's z axis; a gantry tilt turns it by up to ~30 degrees, a
 # coronal or sagittal reformat by 90. Slices whose normal is more than 35 degrees off z are no axial series.
 AXIAL_MIN_COSINE = math.cos(math.radians(35))
@@ -43,6 +46,16 @@ PREFERRED_THICKNESS_MM = 5.0  # the thick series radiologists read head CT on, a
 # Reconstruction kernels for bone, lung and edges: the soft-tissue series shows blood, these show fractures.
 SHARP_KERNEL_WORDS = ("BONE", "LUNG", "SHARP", "EDGE", "DETAIL", "HIGH")
 SHARP_KERNEL_NUMBER = 60  # Siemens names kernels by sharpness: H31s, Hr38 soft; H60s, H70h, Br64 bone
+# SeriesDescription words of a contrast series, whole words: CT angiography or venography, post-contrast. POST is
+# post-contrast, but not in POST FOSSA (the posterior fossa of a plain split protocol).
+CONTRAST_WORDS = re.compile(r"(?<![A-Z0-9])(CTA|CTV|ANGIO[A-Z]*|VENO[A-Z]*|CONTRAST|ENHANCED|C\+|\+C"
+                            r"|POST(?![\s._-]*FOSS))(?![A-Z0-9])")
+# ...unless it says there is none: W/O CONTRAST, NON-CONTRAST, NO IV CONTRAST, PRE-CONTRAST, NONCON, C-
+NO_CONTRAST = re.compile(r"(?<![A-Z0-9])((W/?O|WITHOUT|NON|NO|PRE)[\s/_-]*(IV[\s_-]*)?(CONTRAST|CON|C|ENHANCED)"
+                         r"|NONCON[A-Z]*|C-)(?![A-Z0-9])")
+NO_AGENT = re.compile(r"^\W*(NONE|NO|N/?A|0)?\W*$")  # ContrastBolusAgent values that name no agent
+# A series joins the reading of its study when less than this share of its span lies in the spans already read
+JOIN_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,8 @@ class ImageFile:
     instance: float = math.nan  # InstanceNumber: the order of a series whose positions do not tell slices apart
     thickness: float = math.nan  # SliceThickness, mm
     kernel: str = ""  # ConvolutionKernel, its values joined by "/"
+    description: str = ""  # SeriesDescription
+    contrast_agent: str = ""  # ContrastBolusAgent (0018,0010)
 
 
 @dataclass
@@ -75,6 +90,7 @@ class Series:
     left_out: list[ImageFile] = field(default_factory=list)  # its files that are not used, each with its reason
     reason: str = ""  # why the whole series is skipped; "" when it is predicted
     order: str = "position"  # what the slice order rests on: position, instance or file (ich.data.order)
+    detail: str = ""  # the reason in a sentence
 
     @property
     def skipped(self) -> Counter:
@@ -102,14 +118,30 @@ class Series:
         """A bone, lung or edge-enhancing kernel: the series of the same scan for fractures, not for blood."""
         return sharp_kernel(self.kernel)
 
+    @property
+    def contrast(self) -> bool:
+        """Contrast given (ContrastBolusAgent) or named (CTA, angio, post-contrast): it looks like blood."""
+        tags = {(image.description, image.contrast_agent) for image in self.slices}
+        return any(contrast_series(description, agent) for description, agent in tags)
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The first and last slice's position (mm along the normal): the range of the head it covers."""
+        positions = [image.position for image in self.slices if not math.isnan(image.position)]
+        return (min(positions), max(positions)) if positions else (math.nan, math.nan)
+
     def describe(self) -> str:
-        """`series 3: 40 slices, 5 mm, kernel H31s`, the words a radiologist finds it by in a viewer."""
+        """`series 3: 40 slices, 5 mm, kernel H31s, 0.0 to 195.0 mm`, the words a radiologist finds it by."""
         name = f"series {self.number}" if self.number else "series (no number)"
         if not self.slices:
             return name
         thickness = "" if math.isnan(self.thickness) else f", {self.thickness:g} mm"
         kernel = f", kernel {self.kernel}" if self.kernel else ""
-        return f"{name}: {len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}{thickness}{kernel}"
+        low, high = self.span
+        extent = "" if math.isnan(low) else f", {low:.1f} to {high:.1f} mm"
+        contrast = ", contrast" if self.contrast else ""
+        count = f"{len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}"
+        return f"{name}: {count}{thickness}{kernel}{extent}{contrast}"
 
 
 @dataclass
@@ -145,13 +177,62 @@ def sharp_kernel(kernel: str) -> bool:
     return bool(digits) and name[:1].isalpha() and int(digits[0]) >= SHARP_KERNEL_NUMBER
 
 
+def contrast_series(description: str, agent: str) -> bool:
+    """A ContrastBolusAgent that names an agent, or a SeriesDescription with a contrast word (CONTRAST_WORDS) and
+    no word saying there is none (`HEAD W/O CONTRAST` is a plain series)."""
+    description, agent = description.upper(), agent.upper()
+    if not NO_AGENT.match(agent) and not NO_CONTRAST.search(agent):
+        return True
+    return bool(CONTRAST_WORDS.search(description)) and not NO_CONTRAST.search(description)
+
+
 def choice_key(series: Series) -> tuple:
-    """The rule that picks a study's series, lowest first: a soft-tissue kernel before a sharp one, then the
-    thickness closest to 5 mm (the thick series the model's 5 mm training slices resemble), then the most slices,
-    then the series number. The other eligible series are predicted too and listed beside it."""
+    """The rule that ranks a study's series, lowest first: plain before contrast (contrast looks like blood in the
+    brain window), positions that span a range before positions that do not (files converted from a volume: no
+    known geometry), a soft-tissue kernel before a sharp one, then the thickness closest to 5 mm (the thick series
+    the model's 5 mm training slices resemble), then the most slices, then the series number."""
     thickness = series.thickness
     off = abs(thickness - PREFERRED_THICKNESS_MM) if not math.isnan(thickness) else math.inf
-    return series.sharp, round(off, 2), -len(series.slices), _number_order(series.number), series.key
+    low, high = series.span
+    return (series.contrast, not high > low, series.sharp, round(off, 2), -len(series.slices),
+            _number_order(series.number), series.key)
+
+
+def read_on(series: list[Series]) -> list[Series]:
+    """The series a study is read on, in position order: the first of its eligible `series` by choice_key, then,
+    in that order, each further series of the same kind (plain or contrast, soft or sharp kernel) of which less
+    than JOIN_OVERLAP (half) of its span lies inside the spans already read. So the posterior fossa and the
+    cerebrum of a split protocol are both read, while a thin, bone or mirrored copy of a range already read is an
+    alternative, predicted and listed. Positions of one study compare across series: they share the patient frame.
+    """
+    ranked = sorted(series, key=choice_key)
+    read = ranked[:1]
+    for candidate in ranked[1:]:
+        low, high = candidate.span
+        same_kind = (candidate.contrast, candidate.sharp) == (read[0].contrast, read[0].sharp)
+        if same_kind and high > low and _inside(low, high, [s.span for s in read]) < JOIN_OVERLAP * (high - low):
+            read.append(candidate)
+    return sorted(read, key=lambda s: s.span[0])
+
+
+def covered_mm(series: list[Series]) -> float:
+    """How much of the head (mm along the normal) the spans of `series` cover together."""
+    return sum(high - low for low, high in _merged([s.span for s in series]))
+
+
+def _inside(low: float, high: float, spans: list[tuple[float, float]]) -> float:
+    """The length of [low, high] that lies inside the union of `spans`."""
+    return sum(max(0.0, min(high, end) - max(low, start)) for start, end in _merged(spans))
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for low, high in sorted(span for span in spans if not math.isnan(span[0])):
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
 
 
 @contextmanager
@@ -181,12 +262,24 @@ def scan_folder(root: Path, min_slices: int, modalities: Sequence[str] = CT_ONLY
     progress = tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0, disable=len(paths) < 500)
     images = [read_image_header(path, admitted) for path in progress]
     loose = [image for image in images if not image.study_uid]
+    return Scan(root=root, files=len(paths), studies=group_studies(images, min_slices), loose=loose)
+
+
+def group_studies(images: list[ImageFile], min_slices: int) -> list[Study]:
+    """The studies of these headers, each with its series, in order of their key; files of no study left out."""
     by_study: dict[str, list[ImageFile]] = {}
     for image in images:
         if image.study_uid:
             by_study.setdefault(image.study_uid, []).append(image)
     studies = [_study(uid, files, min_slices) for uid, files in by_study.items()]
-    return Scan(root=root, files=len(paths), studies=sorted(studies, key=lambda study: study.key), loose=loose)
+    return sorted(studies, key=lambda study: study.key)
+
+
+def files_read(paths: list[Path], min_slices: int) -> set[Path]:
+    """Of these files, the slices of the series their studies are read on (read_on): evaluate.py scores a study
+    against study-level truth on what predict.py would read it on, not on scouts, bone copies or perfusion."""
+    studies = group_studies([read_image_header(Path(path)) for path in paths], min_slices)
+    return {image.path for study in studies for series in read_on(study.eligible) for image in series.slices}
 
 
 def _study(uid: str, files: list[ImageFile], min_slices: int) -> Study:
@@ -194,6 +287,10 @@ def _study(uid: str, files: list[ImageFile], min_slices: int) -> Study:
     for image in files:
         by_series.setdefault(image.series_uid, []).append(image)
     series = [_series(series_uid, members, min_slices) for series_uid, members in by_series.items()]
+    for one in series:
+        repeats = "" if one.reason else repeated_positions(one)
+        if repeats:
+            one.reason, one.detail = "perfusion", repeats
     series.sort(key=lambda s: (bool(s.reason), _number_order(s.number), s.key))
     first = files[0]
     return Study(key=pseudonym(uid), uid=uid, accession=first.accession, patient=pseudonym(first.patient_id),
@@ -220,7 +317,7 @@ def _series(uid: str, files: list[ImageFile], min_slices: int) -> Series:
     if not usable:
         series.reason = ", ".join(reason for reason, _ in series.skipped.most_common())
     elif len(usable) < min_slices:
-        series.reason = "too_few_slices"
+        series.reason, series.detail = "too_few_slices", TOO_FEW_SLICES
     return series
 
 
@@ -231,6 +328,19 @@ def _reads(path: Path) -> bool:
     except DicomReadError:
         return False
     return True
+
+
+def repeated_positions(series: Series) -> str:
+    """Why a series whose positions repeat is no volume ("" when they do not): a perfusion or dynamic series
+    scans one slab again and again, so its neighbours in position order are the same place at other times. It is
+    one when more than half of its positions hold several slices; a slice sent twice is no time series."""
+    counts = Counter(round(image.position, 2) for image in series.slices if not math.isnan(image.position))
+    if len(counts) < 2 or 2 * sum(count > 1 for count in counts.values()) <= len(counts):
+        return ""  # one position for all is no order (a converted volume); a few repeats, slices sent twice
+    times = set(counts.values())
+    shape = (f"{len(counts)} positions x {times.pop()} time points" if len(times) == 1 else
+             f"{sum(counts.values())} slices at {len(counts)} positions")
+    return f"positions repeat: {shape}, a perfusion or dynamic series, not a volume"
 
 
 def _number_order(number: str) -> tuple[float, str]:
@@ -288,7 +398,8 @@ def _classify(path: Path, ds: Dataset, preamble: bool, modalities: frozenset[str
     kernel = "/".join(str(value).strip() for value in _values(ds.get("ConvolutionKernel")))
     return ImageFile(position=slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
                      instance=first_float(ds.get("InstanceNumber")), thickness=first_float(ds.get("SliceThickness")),
-                     kernel=kernel, **known)
+                     kernel=kernel, description=str(ds.get("SeriesDescription", "") or "").strip(),
+                     contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(), **known)
 
 
 def _unusable(ds: Dataset, modalities: frozenset[str]) -> tuple[str, str]:
