@@ -56,6 +56,9 @@ NO_CONTRAST = re.compile(r"(?<![A-Z0-9])((W/?O|WITHOUT|NON|NO|PRE)[\s/_-]*(IV[\s
 NO_AGENT = re.compile(r"^\W*(NONE|NO|N/?A|0)?\W*$")  # ContrastBolusAgent values that name no agent
 # A series joins the reading of its study when less than this share of its span lies in the spans already read
 JOIN_OVERLAP = 0.5
+# ...and when it meets them: the fossa and cerebrum of a split protocol adjoin or overlap, while a series further
+# than this from the head read (a cervical spine in the same study) is another body part, not the rest of the head
+JOIN_GAP_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -201,17 +204,26 @@ def choice_key(series: Series) -> tuple:
 def read_on(series: list[Series]) -> list[Series]:
     """The series a study is read on, in position order: the first of its eligible `series` by choice_key, then,
     in that order, each further series of the same kind (plain or contrast, soft or sharp kernel) of which less
-    than JOIN_OVERLAP (half) of its span lies inside the spans already read. So the posterior fossa and the
-    cerebrum of a split protocol are both read, while a thin, bone or mirrored copy of a range already read is an
-    alternative, predicted and listed. Positions of one study compare across series: they share the patient frame.
+    than JOIN_OVERLAP (half) of its span lies inside the spans already read, and which starts or ends within
+    JOIN_GAP_MM of them. So the posterior fossa and the cerebrum of a split protocol are both read, while a thin,
+    bone or mirrored copy of a range already read is an alternative, predicted and listed, and a distant range
+    (another body part) is listed too. Positions of one study compare across series: they share the patient frame.
     """
     ranked = sorted(series, key=choice_key)
-    read = ranked[:1]
-    for candidate in ranked[1:]:
-        low, high = candidate.span
-        same_kind = (candidate.contrast, candidate.sharp) == (read[0].contrast, read[0].sharp)
-        if same_kind and high > low and _inside(low, high, [s.span for s in read]) < JOIN_OVERLAP * (high - low):
-            read.append(candidate)
+    read, waiting = ranked[:1], ranked[1:]
+    joined = True
+    while joined:  # again after each join: a series may meet the reading only through one that joined after it
+        joined = False
+        for candidate in waiting:
+            low, high = candidate.span
+            same_kind = (candidate.contrast, candidate.sharp) == (read[0].contrast, read[0].sharp)
+            spans = [s.span for s in read]
+            gap = min(max(0.0, start - high, low - end) for start, end in spans)
+            if same_kind and high > low and gap <= JOIN_GAP_MM and _inside(low, high, spans) < JOIN_OVERLAP * (high - low):
+                read.append(candidate)
+                waiting.remove(candidate)
+                joined = True
+                break
     return sorted(read, key=lambda s: s.span[0])
 
 

@@ -196,6 +196,8 @@ def test_a_split_protocol_is_read_on_both_ranges_and_copies_of_a_range_are_alter
     low = fake_series("7", [-60.0 + 3.0 * k for k in range(10)], 3.0)  # -60 to -33, then the fossa: 7 of 37.5 mm
     assert numbered(read_on([thin, bone, cerebrum, fossa, vertex])) == ["2", "3"]  # in position order
     assert numbered(read_on([cerebrum, fossa, low])) == ["7", "2", "3"]
+    spine = fake_series("8", [-200.0 + 5.0 * k for k in range(16)], 5.0)  # -200 to -125 mm: 85 mm below the fossa
+    assert numbered(read_on([cerebrum, fossa, spine])) == ["2", "3"]
 
 
 def test_the_written_split_protocol_is_read_on_its_fossa_and_its_cerebrum(scanned):
