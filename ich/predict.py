@@ -36,7 +36,7 @@ from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint,
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
 from ich.exam import series_exam_probabilities
-from ich.operating import HEADLINE_LABEL
+from ich.operating import HEADLINE_LABEL, called
 from ich.sequence import SequenceLitModule, is_stage_two, predict_series
 from ich.privacy import pseudonym
 from ich.results import write_atomic
@@ -205,13 +205,13 @@ def headline_output(labels: tuple[str, ...], task: str, exam: np.ndarray) -> int
 
 def verdict(labels: tuple[str, ...], task: str, exam: np.ndarray, thresholds: np.ndarray) -> tuple[str, bool]:
     """The study's answer in words, and whether it is positive (at the thresholds, as every decision here)."""
-    called = exam >= thresholds
+    decided = called(exam, thresholds)
     headline = headline_output(labels, task, exam)
     if task == "subtype":  # a softmax over the five subtypes says which kind, assuming there is a hemorrhage
         return f"most likely {labels[headline]} (a subtype model assumes a hemorrhage)", True
     name = "hemorrhage" if labels[headline] == HEADLINE_LABEL else labels[headline]
-    others = [label for label, on in zip(labels, called) if on and label != labels[headline]]
-    if called[headline]:
+    others = [label for label, on in zip(labels, decided) if on and label != labels[headline]]
+    if decided[headline]:
         return name + (f": {', '.join(others)}" if others else ""), True
     if others:
         return f"no {name} by `{labels[headline]}`; {', '.join(others)} above threshold", False
@@ -266,7 +266,7 @@ class Outputs:
             row.update(verdict=text, positive=int(positive), slices=len(chosen.probs),
                        series=chosen.series.describe(), series_key=chosen.series.key)
             row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, chosen.exam)})
-            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, chosen.exam, self.thresholds)})
+            row.update({f"called_{label}": int(on) for label, on in zip(self.labels, called(chosen.exam, self.thresholds))})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
@@ -373,7 +373,7 @@ class Outputs:
         cells = []
         for label in self.labels:
             probability, threshold = row[f"prob_{label}"], row[f"threshold_{label}"]
-            decision = "above: called" if probability >= threshold else "below"
+            decision = "above: called" if called(probability, threshold) else "below"
             cells.append(f'<tr><td>{html.escape(label)}</td><td class="num">{probability:.3f}</td>'
                          f'<td class="num">{threshold:.3g}</td><td>{decision}</td></tr>')
         return f'<table class="outputs">{head}<tbody>{"".join(cells)}</tbody></table>'
