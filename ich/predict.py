@@ -324,7 +324,7 @@ class Outputs:
                     "checkpoint (pass its .ckpt or run folder as ckpt_path).")
         if self.stage is None:
             return f"No heat maps: backbone {self.model.module.model.hparams.backbone} has no feature maps."
-        return (f"Heat maps: Grad-CAM on the backbone's last stage ({self.stage[0]}) for the {self.heatmaps} most "
+        return (f"Heat maps: Grad-CAM on the backbone at {self.stage.describe()} for the {self.heatmaps} most "
                 "suspicious slices of each positive study: the slice in the brain window, and under its map (red: "
                 "the regions that raised the score most; each map scaled to its own maximum).")
 
