@@ -11,7 +11,10 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-# The pseudonym salt made on first use goes to a private config folder, never the real home (ich.privacy).
+# One fixed pseudonym salt: patient splits follow the pseudonyms' order, so every run splits alike (the former
+# default salt: the splits the tests were written against). Tests of an installation's own salt unset it, and the
+# salt they make goes to a private config folder, never the real home.
+os.environ["ICH_ID_SALT"] = "ich-default-salt"
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="ich-config-")
 atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 # pytest-xdist's workers (`-n auto` in pyproject.toml) share the cores: each worker's torch, and the commands
