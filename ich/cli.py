@@ -41,7 +41,7 @@ def friendly_errors(main):
 
 # Keys whose values are paths, besides every `*_path`, `*_dir` and `*_file`: taken as written, whatever they hold.
 PATH_KEYS = frozenset({"input", "out", "study_images", "study_labels", "data.root", "data.labels", "model.weights",
-                       "hydra.run.dir", "hydra.sweep.dir"})
+                       "model.init_from", "hydra.run.dir", "hydra.sweep.dir"})
 # Hydra's options that take a value: the word after them is no override.
 VALUED_OPTIONS = frozenset({"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
                             "-cd", "--config-dir", "--experimental-rerun", "-i", "--info"})

@@ -35,7 +35,8 @@ def test_predict_takes_an_export_folder_named_like_a_patient_as_written(name, tm
 
 
 @pytest.mark.parametrize("command", [
-    ["train.py", "data=images", "data.root={path}", "data.labels={path}/labels.csv", "model.weights={path}/w.pth"],
+    ["train.py", "data=images", "data.root={path}", "data.labels={path}/labels.csv", "model.weights={path}/w.pth",
+     "model.init_from={path}/stage1.ckpt"],
     ["evaluate.py", "ckpt_path={path}", "study_images={path}", "study_labels={path}/reads.csv", "test_dir={path}"],
     ["extract.py", "data=rsna", "data.root={path}", "data.cache_dir={path}"],
     ["fit_classical.py", "data=nifti", "data.root={path}", "data.labels={path}/labels.csv"],
