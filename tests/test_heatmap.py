@@ -109,3 +109,16 @@ def test_tokens_and_channels_last_maps_keep_each_patch_in_its_place():
     nhwc = Stage("layers.3", nn.Identity(), tokens=False, channels_last=True, prefix=0)
     maps = torch.arange(2 * 3 * 4).float().reshape(1, 2, 3, 4)  # [1, H 2, W 3, C 4]
     assert channels_first(nhwc, maps)[0, :, 1, 2].tolist() == maps[0, 1, 2].tolist()
+
+
+def test_predict_draws_a_vits_heat_maps_for_its_positive_studies(checkpoints, tmp_path):
+    from ich.phantom import generate
+    from ich.predict import run as predict
+
+    generate(tmp_path / "export", patients=3, slices=6, size=64, seed=2, quirks=False)
+    studies = predict(compose_config("predict", [f"ckpt_path={checkpoints('test_vit')}", f"input={tmp_path / 'export'}",
+                                                 f"output_dir={tmp_path / 'out'}", "min_slices=4", "heatmaps=2"]))
+    positive = int((studies["positive"] == 1).sum())
+    assert positive > 0, "the operating point (95% sensitivity on validation) should call some phantom study"
+    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == 2 * positive
+    assert "the input of its last block (blocks.5)" in (tmp_path / "out" / "report.html").read_text()
