@@ -320,7 +320,8 @@ def _confusion_section(predictions: pd.DataFrame, outputs: Sequence[str], points
                        categorical: bool, chosen: bool) -> str:
     panels = [
         (f"{name} at threshold {points[name]:.3g}",
-         confusion_counts(output_truth(predictions, name), called(predictions[f"prob_{name}"].to_numpy(), points[name]), 2),
+         confusion_counts(output_truth(predictions, name),
+                          called(predictions[f"prob_{name}"].to_numpy(), points[name]), 2),
          ("no", "yes"))
         for name in outputs
     ]

@@ -266,7 +266,8 @@ class Outputs:
             row.update(verdict=text, positive=int(positive), slices=len(chosen.probs),
                        series=chosen.series.describe(), series_key=chosen.series.key)
             row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, chosen.exam)})
-            row.update({f"called_{label}": int(on) for label, on in zip(self.labels, called(chosen.exam, self.thresholds))})
+            decided = called(chosen.exam, self.thresholds)
+            row.update({f"called_{label}": int(on) for label, on in zip(self.labels, decided)})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(

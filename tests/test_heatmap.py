@@ -1,9 +1,9 @@
-"""Heat maps on any backbone: a ViT's patch tokens and a channels-last network's maps give Grad-CAMs of the
-slice's size that light up the region driving the output.
+"""Heat maps on any backbone: a ViT's patch tokens and a channels-last network's maps give Grad-CAMs of the slice's
+size that light up the region driving the output.
 
-Each backbone is trained for one epoch through the project's config (a real checkpoint, as predict.py loads it;
-a Swin replaces a trained backbone, as the config cannot make one small); then its head is set so that a bright square raises the output, the one thing known to drive it, and the map
-must peak on that square.
+Each backbone is trained for one epoch through the project's config (a real checkpoint, as predict.py loads it; a
+Swin replaces a trained backbone, as the config cannot make one small); then its head is set so that a bright
+square raises the output, the one thing known to drive it, and the map must peak on that square.
 """
 
 import numpy as np
@@ -65,7 +65,8 @@ def driven_by_the_square(module) -> tuple[np.ndarray, np.ndarray]:
     bright = plain.copy()
     bright[0, 0, SQUARE[0], SQUARE[1]] = BLOOD_HU
     with torch.no_grad():
-        features = [module.model.features(module.planes(torch.from_numpy(hu)).float() / 255.0) for hu in (plain, bright)]
+        features = [module.model.features(module.planes(torch.from_numpy(hu)).float() / 255.0)
+                    for hu in (plain, bright)]
     head = nn.Linear(features[0].shape[1], 1)
     with torch.no_grad():
         head.weight.copy_(features[1] - features[0])

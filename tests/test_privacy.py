@@ -132,8 +132,9 @@ def test_the_default_pseudonym_cannot_be_recomputed_from_the_code_or_the_outputs
 
     salt_file = Path(env["XDG_CONFIG_HOME"]) / "ich" / "id_salt"
     assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
-    again = subprocess.run([sys.executable, "-c", f"from ich.privacy import pseudonym; print(pseudonym('{PATIENT_ID}'))"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    command = f"from ich.privacy import pseudonym; print(pseudonym('{PATIENT_ID}'))"
+    again = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60, check=True)
     assert again.stdout.strip() == patient  # another process of the same installation agrees
 
 
