@@ -4,9 +4,10 @@ import hydra
 from omegaconf import DictConfig
 
 from ich import CONFIG_DIR
-from ich.cli import friendly_errors
+from ich.cli import friendly_errors, paths_as_written
 
 
+@paths_as_written
 @hydra.main(config_path=str(CONFIG_DIR), config_name="predict", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

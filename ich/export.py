@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.core.module import _jit_is_scripting
 
 from ich import CONFIG_DIR, __version__
-from ich.cli import friendly_errors
+from ich.cli import friendly_errors, paths_as_written
 from ich.deploy import EXPORT_FORMATS, INPUT_NAME, OUTPUT_NAME, Deployed, description_path, load_deployed
+from ich.operating import DECISION_RULE
 from ich.results import file_digest, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ SUFFIXES = {name: suffix for suffix, name in EXPORT_FORMATS.items()}
 EXAMPLE_BATCH = 2
 
 
+@paths_as_written
 @hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
@@ -93,6 +95,7 @@ def description(deployed: Deployed, format: str, out: Path) -> dict:
         "labels": list(deployed.labels),
         "thresholds": [float(t) for t in deployed.thresholds],
         "thresholds_chosen": deployed.thresholds_chosen,
+        "decision": DECISION_RULE,
         "fixed_threshold": float(model.hparams.threshold),
         "temperature": deployed.temperature,
         "input": {"name": INPUT_NAME, "dtype": "int16", "shape": ["batch", slices, size, size],

@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve, binary_roc
 
-from ich.operating import HEADLINE_LABEL, auroc, sensitivity_specificity
+from ich.operating import HEADLINE_LABEL, auroc, called, sensitivity_specificity
 from ich.plots import confusion_counts, draw_confusion, draw_reliability
 from ich.results import write_atomic
 
@@ -90,11 +90,11 @@ def worst_cases(predictions: pd.DataFrame, output: str, threshold: float,
     """
     truth = output_truth(predictions, output).astype(bool)
     probs = predictions[f"prob_{output}"].to_numpy()
-    called = probs >= threshold
+    decided = called(probs, threshold)
     rising = np.argsort(probs, kind="stable")
     falling = rising[::-1]
-    missed = rising[(truth & ~called)[rising]][:k]
-    false_alarms = falling[(~truth & called)[falling]][:k]
+    missed = rising[(truth & ~decided)[rising]][:k]
+    false_alarms = falling[(~truth & decided)[falling]][:k]
 
     def cases(rows: np.ndarray) -> list[tuple[str, str]]:
         return [(str(predictions["image_id"].iloc[row]),
@@ -292,8 +292,8 @@ def _curve_figure(name: str, truth: np.ndarray, probs: np.ndarray, point: float,
         marks.append((fixed, f"threshold {fixed:g}", square))
     for threshold, label, style in marks:
         sensitivity, specificity = sensitivity_specificity(probs, truth, threshold)
-        called = probs >= threshold
-        precision_at = float(truth[called].mean()) if called.any() else float("nan")
+        decided = called(probs, threshold)
+        precision_at = float(truth[decided].mean()) if decided.any() else float("nan")
         roc_ax.plot(1 - specificity, sensitivity, linestyle="none", **style,
                     label=f"{label}: sens {sensitivity:.2f}, spec {specificity:.2f}")
         pr_ax.plot(sensitivity, precision_at, linestyle="none", **style,
@@ -320,7 +320,8 @@ def _confusion_section(predictions: pd.DataFrame, outputs: Sequence[str], points
                        categorical: bool, chosen: bool) -> str:
     panels = [
         (f"{name} at threshold {points[name]:.3g}",
-         confusion_counts(output_truth(predictions, name), predictions[f"prob_{name}"].to_numpy() >= points[name], 2),
+         confusion_counts(output_truth(predictions, name),
+                          called(predictions[f"prob_{name}"].to_numpy(), points[name]), 2),
          ("no", "yes"))
         for name in outputs
     ]

@@ -5,7 +5,7 @@ threshold per output is chosen on the validation patients; test slices are then 
 Test sets are small in patients, and a patient's slices are nearly alike, so intervals resample patients,
 not slices. Everything here takes plain arrays, so training's test stage and evaluate.py share it.
 
-Convention: a slice (or exam) is called positive when its probability is at least the threshold.
+Convention: a slice (or exam) is called positive when its probability is at least the threshold (`called`).
 """
 
 import logging
@@ -27,15 +27,25 @@ OPERATING_POINTS = ("sensitivity", "youden")
 HEADLINE_LABEL = "any"
 
 
+DECISION_RULE = "called when probability >= threshold"
+
+
+def called(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
+    """Whether each probability is called positive: at or above its threshold. The one rule of every decision
+    (operating points, plots, reports, prediction); torchmetrics' fixed-threshold metrics (`test/sensitivity` at
+    task.threshold) count `>` instead, a family of their own that this rule leaves alone."""
+    return np.asarray(probs) >= np.asarray(thresholds)
+
+
 # --- one output: scores [N] and 0/1 truth [N] -----------------------------------------------------------
 
 
 def sensitivity_specificity(scores: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[float, float]:
     """Sensitivity and specificity with positives at scores >= threshold; NaN where a class is absent."""
-    called = scores >= threshold
+    decided = called(scores, threshold)
     positive = truth.astype(bool)
-    sensitivity = called[positive].mean() if positive.any() else np.nan
-    specificity = (~called[~positive]).mean() if (~positive).any() else np.nan
+    sensitivity = decided[positive].mean() if positive.any() else np.nan
+    specificity = (~decided[~positive]).mean() if (~positive).any() else np.nan
     return float(sensitivity), float(specificity)
 
 

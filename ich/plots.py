@@ -18,7 +18,13 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
 
-from ich.operating import calibration_bins, expected_calibration_error, one_vs_rest, probabilities  # noqa: E402
+from ich.operating import (  # noqa: E402
+    called,
+    calibration_bins,
+    expected_calibration_error,
+    one_vs_rest,
+    probabilities,
+)
 from ich.tasks import Task  # noqa: E402
 
 
@@ -108,7 +114,7 @@ def save_figures(output_dir: Path, task: Task, threshold: float, probs: torch.Te
         one_vs_rest = np.eye(task.num_outputs, dtype=np.int64)[truth]
     else:
         one_vs_rest = targets.numpy().astype(np.int64)
-        predicted = scores > threshold  # as torchmetrics thresholds
+        predicted = called(scores, threshold)
         panels = [
             (f"{name} (threshold {threshold:g})", confusion_counts(truth, predicted[:, k], 2), ("no", "yes"))
             for k, (name, truth) in enumerate(zip(task.outputs, one_vs_rest.T))

@@ -38,7 +38,7 @@ from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint,
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
 from ich.exam import combine_series, series_exam_probabilities
-from ich.operating import HEADLINE_LABEL
+from ich.operating import HEADLINE_LABEL, called
 from ich.sequence import SequenceLitModule, is_stage_two, predict_series
 from ich.privacy import pseudonym
 from ich.results import write_atomic
@@ -227,13 +227,13 @@ def headline_output(labels: tuple[str, ...], task: str, exam: np.ndarray) -> int
 
 def verdict(labels: tuple[str, ...], task: str, exam: np.ndarray, thresholds: np.ndarray) -> tuple[str, bool]:
     """The study's answer in words, and whether it is positive (at the thresholds, as every decision here)."""
-    called = exam >= thresholds
+    decided = called(exam, thresholds)
     headline = headline_output(labels, task, exam)
     if task == "subtype":  # a softmax over the five subtypes says which kind, assuming there is a hemorrhage
         return f"most likely {labels[headline]} (a subtype model assumes a hemorrhage)", True
     name = "hemorrhage" if labels[headline] == HEADLINE_LABEL else labels[headline]
-    others = [label for label, on in zip(labels, called) if on and label != labels[headline]]
-    if called[headline]:
+    others = [label for label, on in zip(labels, decided) if on and label != labels[headline]]
+    if decided[headline]:
         return name + (f": {', '.join(others)}" if others else ""), True
     if others:
         return f"no {name} by `{labels[headline]}`; {', '.join(others)} above threshold", False
@@ -307,7 +307,8 @@ class Outputs:
                        series_key=";".join(r.series.key for r in read),
                        covered_mm=round(covered_mm([r.series for r in read]), 1), contrast=int(contrast))
             row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
-            row.update({f"called_{label}": int(p >= t) for label, p, t in zip(self.labels, exam, self.thresholds)})
+            decided = called(exam, self.thresholds)
+            row.update({f"called_{label}": int(on) for label, on in zip(self.labels, decided)})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
@@ -368,7 +369,7 @@ class Outputs:
                     "checkpoint (pass its .ckpt or run folder as ckpt_path).")
         if self.stage is None:
             return f"No heat maps: backbone {self.model.module.model.hparams.backbone} has no feature maps."
-        return (f"Heat maps: Grad-CAM on the backbone's last stage ({self.stage[0]}) for the {self.heatmaps} most "
+        return (f"Heat maps: Grad-CAM on the backbone at {self.stage.describe()} for the {self.heatmaps} most "
                 "suspicious slices of each positive study: the slice in the brain window, and under its map (red: "
                 "the regions that raised the score most; each map scaled to its own maximum).")
 
@@ -426,7 +427,7 @@ class Outputs:
         cells = []
         for label in self.labels:
             probability, threshold = row[f"prob_{label}"], row[f"threshold_{label}"]
-            decision = "above: called" if probability >= threshold else "below"
+            decision = "above: called" if called(probability, threshold) else "below"
             cells.append(f'<tr><td>{html.escape(label)}</td><td class="num">{probability:.3f}</td>'
                          f'<td class="num">{threshold:.3g}</td><td>{decision}</td></tr>')
         return f'<table class="outputs">{head}<tbody>{"".join(cells)}</tbody></table>'

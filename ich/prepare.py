@@ -9,10 +9,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ich import CONFIG_DIR
-from ich.cli import friendly_errors
+from ich.cli import friendly_errors, paths_as_written
 from ich.data.datamodule import ICHDataModule
 
 
+@paths_as_written
 @hydra.main(config_path=str(CONFIG_DIR), config_name="prepare", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

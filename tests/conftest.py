@@ -1,14 +1,22 @@
 """Shared test setup: offline, a private cache, the real config and a small phantom on real DICOMs."""
 
+import atexit
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 # Before anything imports timm, wandb or albumentations: no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+# One fixed pseudonym salt: patient splits follow the pseudonyms' order, so every run splits alike (the former
+# default salt: the splits the tests were written against). Tests of an installation's own salt unset it, and the
+# salt they make goes to a private config folder, never the real home.
+os.environ["ICH_ID_SALT"] = "ich-default-salt"
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="ich-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 # pytest-xdist's workers (`-n auto` in pyproject.toml) share the cores: each worker's torch, and the commands
 # it starts, get an equal share of them, not all of them each (oversubscribed oneDNN threads wait on each other).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

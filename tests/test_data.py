@@ -1,5 +1,7 @@
 """The data layer on real DICOM files written by the phantom: labels, index, splits, tasks, context."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -260,3 +262,68 @@ def test_a_small_image_folder_is_decoded_once_not_every_epoch(cache_dir, tmp_pat
         batches = list(dm.train_dataloader())
     assert len(reads) == after_setup <= 18 + 1
     assert sum(len(batch["image"]) for batch in batches) > 0
+
+
+# -- image ids: one per slice, whatever the layout ------------------------------------------------------------
+
+
+def ct_ich_layout(root, patients: int, slices: int) -> pd.DataFrame:
+    """The phantom's PNGs laid out as CT-ICH's JPG release is: one folder per patient, slices named 1.png, 2.png..."""
+    import shutil
+
+    from ich.phantom import generate_images
+
+    generate_images(root / "flat", patients=patients, slices=slices, size=64, seed=5)
+    labels = pd.read_csv(root / "flat" / "labels.csv")
+    patients_in_order = {patient: k + 1 for k, patient in enumerate(dict.fromkeys(labels["patient"]))}
+    names = [f"p{patients_in_order[row.patient]}/{row.slice + 1}.png" for row in labels.itertuples()]
+    for source, name in zip(labels["filename"], names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "flat" / source, root / name)
+    labels["filename"] = names
+    labels.to_csv(root / "labels.csv", index=False)
+    return labels
+
+
+def test_images_of_the_same_name_in_two_folders_get_two_ids_and_a_flat_folder_keeps_its_names(tmp_path):
+    ct_ich_layout(tmp_path, patients=2, slices=2)
+    table = read_image_table(tmp_path, tmp_path / "labels.csv", ("any",))
+    assert sorted(table["image_id"]) == ["p1/1", "p1/2", "p2/1", "p2/2"]
+
+    pd.DataFrame({"filename": ["1.png", "2.png"], "any": [0, 1]}).to_csv(tmp_path / "flat.csv", index=False)
+    assert read_image_table(tmp_path, tmp_path / "flat.csv", ("any",))["image_id"].tolist() == ["1", "2"]
+
+
+def test_two_images_with_one_id_are_refused_naming_both(tmp_path):
+    pd.DataFrame({"filename": ["p1/1.png", "p1/1.jpg"], "any": [0, 1]}).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(ValueError, match=r"^p1/1\.png and p1/1\.jpg both get the image id 1: give each image one"):
+        read_image_table(tmp_path, tmp_path / "labels.csv", ("any",))
+
+
+def test_two_dicoms_with_one_file_name_are_refused_naming_both(cache_dir, tmp_path):
+    import shutil
+
+    from ich.data.datamodule import phantom_root
+    from ich.data.index import build_index
+
+    make_datamodule(cache_dir, tmp_path)  # writes the phantom
+    source = next((phantom_root(cache_dir, PHANTOM) / "stage_2_train").glob("*.dcm"))
+    for folder in ("a", "b"):
+        (tmp_path / "dicoms" / folder).mkdir(parents=True)
+        shutil.copy(source, tmp_path / "dicoms" / folder / source.name)
+    with pytest.raises(ValueError, match=rf"^a/{source.stem}\.dcm and b/{source.stem}\.dcm both get the image id"):
+        build_index(tmp_path / "dicoms", None, workers=1)
+
+
+@pytest.mark.slow
+def test_training_on_ct_ichs_folder_layout_reaches_its_test_metrics(cache_dir, tmp_path):
+    from conftest import FAST_RUN, compose_config
+    from ich.train import run as train
+
+    ct_ich_layout(tmp_path / "data", patients=10, slices=6)
+    fast = [o for o in FAST_RUN if not o.startswith("data.phantom.")]
+    cfg = compose_config("train", [*fast, "data=images", f"data.root={tmp_path / 'data'}", "task=binary",
+                                   f"data.labels={tmp_path / 'data' / 'labels.csv'}", f"output_dir={tmp_path / 'run'}"])
+    train(cfg)  # the operating points and exams of the test stage pair each prediction with its slice by id
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data/slices_test"] > 0 and "test/op_sensitivity" in metrics and "test/exam_auroc" in metrics

@@ -165,6 +165,7 @@ def test_an_exported_file_carries_its_json_and_needs_it(checkpoints, series, tmp
     about = json.loads(described.read_text())
     assert about["labels"] == list(LABELS) and about["task"] == "multilabel"
     assert about["thresholds"] == [0.5] * 6 and about["thresholds_chosen"] is False
+    assert about["decision"] == "called when probability >= threshold"
     assert about["input"]["shape"] == ["batch", 3, SIZE, SIZE] and about["input"]["dtype"] == "int16"
     assert about["inputs"]["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]]
     assert about["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()

@@ -214,3 +214,23 @@ def test_six_labels_report_any_unsuffixed_and_every_label_suffixed():
     assert all(f"test/auroc_ci_low_{label}" in metrics for label in LABELS)
     # temperature 2 halves the logits: another ECE than the model's own
     assert metrics["test/ece"] != metrics["test/ece_uncalibrated"]
+
+
+def test_a_probability_exactly_at_its_threshold_is_called_in_plots_classical_scores_and_verdicts(monkeypatch, tmp_path):
+    import ich.plots
+    from ich.classical.classifiers import score
+    from ich.predict import verdict
+
+    threshold = 0.25  # exact in float32 and float64: the probability equals it bit for bit
+    panels = []
+    monkeypatch.setattr(ich.plots, "save_confusion_matrices", lambda path, shown: panels.extend(shown))
+    monkeypatch.setattr(ich.plots, "save_roc_curves", lambda *args: None)
+    binary = get_task("binary")
+    ich.plots.save_figures(tmp_path, binary, threshold, torch.tensor([[0.25], [0.1]]), torch.tensor([[1], [0]]))
+    (_, counts, _), = panels
+    assert np.asarray(counts).tolist() == [[1, 0], [0, 1]]  # rows truth no/yes, columns called no/yes
+
+    assert score(binary, "acc", threshold, np.array([[0.25], [0.1]]), np.array([1, 0])) == 1.0
+
+    text, positive = verdict(LABELS, "multilabel", np.full(6, threshold), np.full(6, threshold))
+    assert positive and text.startswith("hemorrhage")

@@ -24,6 +24,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ich.classical.features import Split
+from ich.operating import called
 from ich.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def score(task: Task, scoring: str, threshold: float, probs: np.ndarray, y: np.n
     if scoring == "acc":
         if task.metric_task == "multiclass":
             return float(np.mean(probs.argmax(axis=1) == y))
-        return float(np.mean((probs > threshold) == y.reshape(len(y), -1)))
+        return float(np.mean(called(probs, threshold) == y.reshape(len(y), -1)))
     truth = np.eye(task.num_outputs, dtype=np.int64)[y] if task.metric_task == "multiclass" else y.reshape(len(y), -1)
     aurocs = [roc_auc_score(t, p) for t, p in zip(truth.T, probs.T) if 0 < t.sum() < len(t)]
     return float(np.mean(aurocs)) if aurocs else math.nan

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ich.data.dicom import CT_ONLY, DicomReadError, read_slice
 from ich.data.order import ORDER_SOURCES, slice_order
+from ich.data.sources import check_unique_ids
 from ich.privacy import pseudonym
 from ich.results import write_atomic
 from ich.tasks import LABELS
@@ -136,6 +137,8 @@ def build_index(
     """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None), and merge
     the labels in: the index is the one table of slices that training reads."""
     files = list_dicoms(image_dir)
+    check_unique_ids([f.stem for f in files], [str(f.relative_to(image_dir)) for f in files],
+                     "a DICOM's image id is its file name (as RSNA's labels name it): keep one copy of each file.")
     summary = IndexSummary(files_found=len(files))
     skipped: list[dict] = []
     if labels is not None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ich.data.dicom import AIR_HU, MAX_HU, UNPACKED_SUFFIX, error_line
 from ich.data.index import IndexSummary, add_slice_order, brain_fraction, cached_index, index_dir
+from ich.data.sources import check_unique_ids
 from ich.privacy import pseudonym
 from ich.tasks import LABELS, SUBTYPES
 
@@ -288,6 +289,8 @@ def list_volumes(folder: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"No .nii or .nii.gz volumes in {folder}: set data.image_dir to the folder of CT "
                                 "volumes (CT-ICH: ct_scans).")
+    check_unique_ids([volume_name(path) for path in files], [path.name for path in files],
+                     "a volume's slices are named by its file name without .nii/.nii.gz: keep one file per volume.")
     return files
 
 

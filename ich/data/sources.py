@@ -5,7 +5,8 @@ rest of the data layer never needs to know which layout the data arrived in.
 """
 
 import logging
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -19,6 +20,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Optional columns of an image folder's CSV that order its slices: the series (default: the patient) and
 # the slice's number along the head.
 ORDER_COLUMNS = ("series", "slice")
+
+
+def check_unique_ids(ids: Sequence[str], files: Sequence[str], fix: str) -> None:
+    """Every slice its own image id: two slices under one id would take each other's labels, predictions and
+    stage-2 embeddings without a word. `fix` is what the user does about a repeat."""
+    table = pd.DataFrame({"id": ids, "file": files})
+    repeated = table[table["id"].duplicated(keep=False)]
+    if len(repeated):
+        image_id = repeated["id"].iloc[0]
+        first, second = repeated.loc[repeated["id"] == image_id, "file"].iloc[:2]
+        raise ValueError(f"{first} and {second} both get the image id {image_id}: {fix}")
+
+
+def image_ids(filenames: Sequence[str]) -> list[str]:
+    """Each image's id: its path below the folder that every image shares, without the suffix. A flat folder's
+    `1.png` is `1`; CT-ICH's `p1/1.png` beside `p2/1.png` is `p1/1`, so a file name may repeat across folders."""
+    paths = [PurePosixPath(name.replace("\\", "/")) for name in filenames]
+    folders = [path.parent.parts for path in paths]
+    shared = 0
+    while all(len(parts) > shared for parts in folders) and len({parts[shared] for parts in folders}) == 1:
+        shared += 1
+    return [str(PurePosixPath(*path.with_suffix("").parts[shared:])) for path in paths]
 
 
 def find_rsna_labels(root: Path) -> Path:
@@ -123,5 +146,7 @@ def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) ->
         log.warning("%s has a 'series' column but no 'slice' column: the slices' order is unknown", labels_csv.name)
         table = table.drop(columns="series")
     table["path"] = [str(root / name) for name in table["filename"]]
-    table["image_id"] = [Path(name).stem for name in table["filename"]]
+    table["image_id"] = image_ids(table["filename"])
+    check_unique_ids(table["image_id"], table["filename"], f"give each image one row in {labels_csv.name} and "
+                     "one file (an image's id is its path below the folder all images share, without its suffix).")
     return table
