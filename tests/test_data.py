@@ -1,5 +1,6 @@
 """The data layer on real DICOM files written by the phantom: labels, index, splits, tasks, context."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -74,6 +75,16 @@ def test_split_keeps_each_patient_in_one_stage_and_stratifies():
     assert (positives > 0).all(), "every stage should hold hemorrhage patients"
     assert stages.equals(split_by_patient(index, (0.7, 0.15, 0.15), seed=3))
     assert not stages.equals(split_by_patient(index, (0.7, 0.15, 0.15), seed=4))
+
+
+def test_the_same_seed_splits_the_same_images_alike_under_another_installations_salt():
+    index = toy_index()
+    # another installation's secret salt gives every patient another pseudonym, in another sorted order
+    renamed = index.assign(patient=index["patient"].map(lambda name: hashlib.sha256(b"other salt" + name.encode()).hexdigest()))
+    assert list(renamed.groupby("patient").size().index.map(lambda p: renamed.loc[renamed.patient == p, "image_id"].iloc[0])) != \
+        list(index.groupby("patient").size().index.map(lambda p: index.loc[index.patient == p, "image_id"].iloc[0]))
+    stages = split_by_patient(index, (0.7, 0.15, 0.15), seed=3)
+    assert stages.equals(split_by_patient(renamed, (0.7, 0.15, 0.15), seed=3))
 
 
 def test_split_that_leaves_a_stage_empty_is_refused():

@@ -16,10 +16,13 @@ def split_by_patient(index: pd.DataFrame, fractions: tuple[float, float, float],
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"data.split={list(fractions)} must be three non-negative fractions (train, val, test) summing to 1.")
     positive = index.groupby("patient")["any"].max() if "any" in index else index.groupby("patient").size() * 0
+    # Patients are shuffled from the order of their first image id, not of their pseudonyms: a pseudonym changes
+    # with the installation's secret salt (ich.privacy), and the same seed must give the same split everywhere.
+    first_image = index.groupby("patient")["image_id"].min()
     rng = np.random.default_rng(seed)
     stage_of: dict[str, str] = {}
     for _, patients in positive.groupby(positive):
-        names = patients.index.to_numpy(copy=True)
+        names = first_image.loc[patients.index].sort_values(kind="stable").index.to_numpy(copy=True)
         rng.shuffle(names)
         bounds = np.cumsum(_allocate(len(names), fractions))
         for stage, part in zip(STAGES, np.split(names, bounds[:2])):
