@@ -529,5 +529,5 @@ def _reasons(counts: Counter) -> str:
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
