@@ -311,13 +311,7 @@ class ICHLitModule(SliceClassifier):
         """Save the arguments that rebuild this model anywhere: the state dict carries the weights, so
         load_from_checkpoint must not fetch the hub or read a weights file or checkpoint again (they may be
         gone, the machine offline), nor compile for the training GPU. The running module keeps its own."""
-        checkpoint["hyper_parameters"] = {
-            **checkpoint["hyper_parameters"],
-            "pretrained": False,
-            "weights": None,
-            "init_from": None,
-            "compile": False,
-        }
+        checkpoint["hyper_parameters"] = portable_hparams(checkpoint["hyper_parameters"])
 
     def _init_from(self, path: Path) -> None:
         """Start from one of our checkpoints: its backbone always, its head only when the shapes fit the task."""
@@ -348,6 +342,12 @@ class ICHLitModule(SliceClassifier):
             log.info("Initialised backbone and head from %s", path)
         else:
             log.info("Initialised the backbone from %s; its head does not fit task %s: new head", path, self.task.name)
+
+
+def portable_hparams(hparams: dict) -> dict:
+    """ICHLitModule arguments that rebuild a trained model anywhere once its state dict is loaded: no hub, weights
+    file or checkpoint to start from, no compilation for the training GPU."""
+    return {**hparams, "pretrained": False, "weights": None, "init_from": None, "compile": False}
 
 
 def input_normalization(backbone: nn.Module, channels: int, mode: str, pretrained: bool) -> tuple[torch.Tensor, torch.Tensor]:
