@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
 
+from ich.module import SliceClassifier
 from ich.operating import auroc, headline_output, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.privacy import pseudonym
 from ich.tasks import Task
@@ -89,7 +93,8 @@ def exam_metrics(exams: Exams, output: int, threshold: float, resamples: int = 1
     return metrics
 
 
-def stage_exams(model, trainer, loader, table: pd.DataFrame, ids: list[str], logits, targets) -> Exams | None:
+def stage_exams(model: SliceClassifier, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame, ids: list[str],
+                logits: torch.Tensor, targets: torch.Tensor) -> Exams | None:
     """The exams of a stage (test or validation) from its slice predictions `ids`, `logits` [N, K], `targets`,
     scored as `model` scores them (SliceClassifier.exam_rows: its slices, or its series); `table` is the stage's
     slice table. None for a source without studies (PNG/JPG slices) or a model without exams (stage-2 subtype)."""
