@@ -26,7 +26,7 @@ from ich.data.windows import parse_windows
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
 from ich.metrics import metrics_at_once
-from ich.module import ICHLitModule, predict_logits
+from ich.module import ICHLitModule, SliceClassifier, predict_logits
 from ich.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
 from ich.operating import honest_metrics, slice_groups
 from ich.plots import save_figures, save_reliability_diagram
@@ -81,7 +81,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if data["split_file"] is None:
         warn_if_seen_in_training(datamodule.tables["test"]["image_id"], run_dir / "split.csv")
 
-    trainer = prediction_trainer(cfg, output_dir)
+    trainer = prediction_trainer(cfg, output_dir, model)
     loader, table = datamodule.predict_dataloader(), datamodule.tables["test"]
     ids, logits, targets = predict_logits(trainer, model, loader)
     probs = model.probabilities(logits)  # at the checkpoint's temperature
@@ -115,10 +115,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
 # --- which checkpoint, which data ---------------------------------------------------------------------
 
 
-def prediction_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision` (auto decided as training decides
-    it, so a checkpoint trained with `auto` here is tested at the precision of its test stage), saving nothing."""
-    precision = resolve_trainer({"accelerator": cfg.accelerator, "precision": cfg.precision})["precision"]
+def prediction_trainer(cfg: DictConfig, output_dir: Path, model: SliceClassifier) -> pl.Trainer:
+    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision`, by default the checkpoint's own
+    (its test stage's; a stage-2 network runs in float32 whatever it is), saving nothing."""
+    chosen = cfg.precision if cfg.precision is not None else model.hparams.get("precision", "32-true")
+    precision = resolve_trainer({"accelerator": cfg.accelerator, "precision": chosen})["precision"]
     return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=precision, logger=False,
                       enable_checkpointing=False, default_root_dir=str(output_dir))
 
@@ -239,7 +240,7 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     study = study_of_slices(index, truth, images, str(cfg.study_id))
 
     dataset = datamodule.folder_dataset(index, ids=np.arange(len(index)))  # file names repeat across series
-    ids, logits, _ = predict_logits(prediction_trainer(cfg, output_dir), model, datamodule.loader(dataset))
+    ids, logits, _ = predict_logits(prediction_trainer(cfg, output_dir, model), model, datamodule.loader(dataset))
     rows = np.array([int(i) for i in ids])
     labelled = pd.notna(study.to_numpy(dtype=object)[rows])
     rows, names = rows[labelled], study.to_numpy(dtype=object)[rows[labelled]].astype(str)

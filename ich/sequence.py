@@ -293,6 +293,9 @@ class SequenceLitModule(SliceClassifier):
             setattr(self, f"{stage}_exam_auroc", OneVsRestAUROC(self.task.num_outputs, average=None))
         self.register_buffer("exam_op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
         self.register_buffer("exam_temperature", torch.ones(()))
+        if encoder and "hparams" not in encoder:
+            raise ValueError("This stage-2 checkpoint predates checkpoints that carry their encoder: train it again "
+                             "(python train.py model=sequence model.encoder=<its stage-1 run>).")
         # frozen: it made the embeddings; kept to embed new series in prediction
         self.slice_encoder = ICHLitModule(**encoder["hparams"]).requires_grad_(False) if encoder else None
 
