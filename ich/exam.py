@@ -1,8 +1,8 @@
 """What an exam is and how its score is made: the one definition the test stage, evaluate.py, stage 2 and
 predict.py share.
 
-An exam is a study, read on the series that ich.study chooses for it (several when a split protocol needs them
-to cover the head). A series' exam probability per output is its highest slice probability for a slice model, or
+An exam is a study, read on the series that ich.study chooses for it in predict.py (several when a split protocol
+needs them to cover the head), and on its labelled series in the test stage and evaluate.py. A series' exam probability per output is its highest slice probability for a slice model, or
 the sequence model's exam output for stage 2; the exam's is the highest over the series it is read on. The exam is
 positive when any of its slices is, and it is called at its output's exam threshold (`p >= threshold`): a slice
 model's slice thresholds, a sequence model's own exam thresholds (chosen on the validation exams).
