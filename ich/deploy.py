@@ -26,6 +26,8 @@ EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
 INPUT_NAME = "hu"
 OUTPUT_NAME = "probabilities"
 _INT16_MIN = int(np.iinfo(np.int16).min)
+# Lightning's mixed precisions (with their short spellings) and the dtype autocast computes in.
+MIXED_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
 
 
 class HUModel(nn.Module):
@@ -120,7 +122,7 @@ def load_deployed(path: str | Path) -> Deployed:
     temperature = float(model.temperature)
 
     def run(hu: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(str(model.hparams.precision)):
             return module(torch.from_numpy(hu)).numpy()
 
     return Deployed(labels=tuple(model.task.outputs), thresholds=thresholds,
@@ -151,6 +153,13 @@ def load_model(checkpoint: Path) -> ICHLitModule:
         raise ValueError(f"{checkpoint} was trained on already windowed PNG/JPG slices (data=images), so it has no "
                          "windows to apply to HU: deploy a model trained on DICOM slices (data=phantom or data=rsna).")
     return model.float().to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+
+
+def autocast(precision: str) -> torch.autocast:
+    """The CPU autocast of a Lightning precision: a model tested in bf16-mixed (or 16-mixed) predicts in it too, so
+    its probabilities are its test stage's; float32 for every other precision."""
+    dtype = MIXED_PRECISIONS.get(precision)
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def operating_point_chosen(thresholds: np.ndarray, threshold: float, temperature: float) -> bool:

@@ -27,9 +27,9 @@ from ich.data.windows import parse_windows
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
 from ich.metrics import metrics_at_once
-from ich.module import ICHLitModule, predict_logits
-from ich.exam import exam_scores
-from ich.operating import auroc, honest_metrics, patient_bootstrap, sensitivity_specificity, slice_groups
+from ich.module import ICHLitModule, SliceClassifier, predict_logits
+from ich.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
+from ich.operating import honest_metrics, slice_groups
 from ich.plots import save_figures, save_reliability_diagram
 from ich.privacy import pseudonym
 from ich.results import predictions_table, print_metrics, write_json
@@ -83,17 +83,20 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if data["split_file"] is None:
         warn_if_seen_in_training(datamodule.tables["test"]["image_id"], run_dir / "split.csv")
 
-    trainer = prediction_trainer(cfg, output_dir)
-    ids, logits, targets = predict_logits(trainer, model, datamodule.predict_dataloader())
+    trainer = prediction_trainer(cfg, output_dir, model)
+    loader, table = datamodule.predict_dataloader(), datamodule.tables["test"]
+    ids, logits, targets = predict_logits(trainer, model, loader)
     probs = model.probabilities(logits)  # at the checkpoint's temperature
 
     metrics = compute_metrics(task, float(model.hparams.threshold), probs, targets)
-    patients, studies = slice_groups(datamodule.tables["test"], ids)
+    patients, _ = slice_groups(table, ids)
     temperature = float(model.temperature)
-    metrics.update(honest_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients, studies,
+    metrics.update(honest_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
                                   resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
+    exams = stage_exams(model, trainer, loader, table, ids, logits, targets)
+    metrics.update(report_exams(task, exams, model.exam_thresholds(), output_dir, int(cfg.bootstrap), int(cfg.seed)))
     if stage_two:
-        metrics.update(exam_score_metrics(trainer, model, datamodule.predict_dataloader()))
+        metrics.update(exam_score_metrics(trainer, model, loader))
     metrics["data/slices_test"] = float(len(ids))
     write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
     table = predictions_table(task, ids, datamodule.tables["test"].set_index("image_id")["patient"], probs, targets)
@@ -114,10 +117,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
 # --- which checkpoint, which data ---------------------------------------------------------------------
 
 
-def prediction_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision` (auto decided as training decides
-    it, so a checkpoint trained with `auto` here is tested at the precision of its test stage), saving nothing."""
-    precision = resolve_trainer({"accelerator": cfg.accelerator, "precision": cfg.precision})["precision"]
+def prediction_trainer(cfg: DictConfig, output_dir: Path, model: SliceClassifier) -> pl.Trainer:
+    """The Trainer that predicts: on `cfg.accelerator`'s devices at `cfg.precision`, by default the checkpoint's own
+    (its test stage's; a stage-2 network runs in float32 whatever it is), saving nothing."""
+    chosen = cfg.precision if cfg.precision is not None else model.hparams.get("precision", "32-true")
+    precision = resolve_trainer({"accelerator": cfg.accelerator, "precision": chosen})["precision"]
     return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=precision, logger=False,
                       enable_checkpointing=False, default_root_dir=str(output_dir))
 
@@ -220,10 +224,9 @@ def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
 def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path) -> dict[str, float]:
     """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
 
-    Each study under `study_images` is read on the series predict.py reads it on (ich.study.read_on); its score
-    is the highest `any` probability of their slices (ich.exam.exam_scores) and it is called positive at the
-    checkpoint's operating threshold. Writes
-    metrics.json (exam AUROC, sensitivity and specificity with bootstrap intervals over studies) and studies.csv.
+    Each study under `study_images` is read on the series predict.py reads it on (ich.study.read_on); a study is
+    an exam (ich.exam) scored on `any` and called at the checkpoint's exam threshold. Writes metrics.json (exam
+    AUROC, sensitivity and specificity with intervals over resampled patients, as every interval) and exams.csv.
     """
     if not isinstance(model, ICHLitModule):
         raise ValueError("study_labels tests the exam score of a slice model: pass a stage-1 checkpoint as ckpt_path.")
@@ -243,31 +246,22 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     study = study_of_slices(index, truth, images, str(cfg.study_id))
 
     dataset = datamodule.folder_dataset(index, ids=np.arange(len(index)))  # file names repeat across series
-    ids, logits, _ = predict_logits(prediction_trainer(cfg, output_dir), model, datamodule.loader(dataset))
-    per_slice = study.to_numpy(dtype=object)[[int(i) for i in ids]]
-    probs = model.probabilities(logits)[:, task.outputs.index("any")].double().numpy()
-    labelled = pd.notna(per_slice)
-    exams = per_slice[labelled].astype(str)
-    scores, positive = exam_scores(probs[labelled], truth.loc[exams].to_numpy(), exams)
-    threshold = float(model.op_thresholds[task.outputs.index("any")])
-
-    def statistic(picked: np.ndarray) -> np.ndarray:
-        return np.array([auroc(scores[picked], positive[picked]),
-                         *sensitivity_specificity(scores[picked], positive[picked], threshold)])
-
-    values = statistic(np.arange(len(scores)))
-    low, high = patient_bootstrap(statistic, np.arange(len(scores)), int(cfg.bootstrap), int(cfg.seed))
-    metrics = {"test/exam_op_threshold": threshold, "data/slices_test": float(len(ids)),
-               "data/exams_test": float(len(scores)), "data/exams_positive": float(positive.sum()),
-               "data/exams_unmatched": float(len(set(truth.index) - set(exams))),
-               "data/exams_unlabelled": float(index.loc[study.isna(), "study"].nunique())}
-    for j, name in enumerate(("exam_auroc", "exam_op_sensitivity", "exam_op_specificity")):
-        metrics.update({f"test/{name}": values[j], f"test/{name}_ci_low": low[j], f"test/{name}_ci_high": high[j]})
+    ids, logits, _ = predict_logits(prediction_trainer(cfg, output_dir, model), model, datamodule.loader(dataset))
+    rows = np.array([int(i) for i in ids])
+    labelled = pd.notna(study.to_numpy(dtype=object)[rows])
+    rows, names = rows[labelled], study.to_numpy(dtype=object)[rows[labelled]].astype(str)
+    output = task.outputs.index("any")
+    probs = model.probabilities(logits[labelled])[:, [output]].double().numpy()
+    exams = exams_of(probs, truth.loc[names].to_numpy()[:, None], names, index["patient"].to_numpy()[rows])
+    threshold = model.exam_thresholds()[[output]]
+    metrics = exam_metrics(exams, 0, float(threshold[0]), int(cfg.bootstrap), int(cfg.seed))
+    metrics.update({"data/slices_test": float(len(ids)), "data/exams_positive": float(exams.truth.sum()),
+                    "data/exams_unmatched": float(len(set(truth.index) - set(names))),
+                    "data/exams_unlabelled": float(index.loc[study.isna(), "study"].nunique())})
     write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
-    names = np.unique(exams)  # exam_scores' order
-    pd.DataFrame({"study": [pseudonym(name) for name in names], "truth": positive.astype(int), "score": scores,
-                  "positive": (scores >= threshold).astype(int)}).to_csv(output_dir / "studies.csv", index=False)
-    print_metrics(metrics, title=f"{task.name} on {len(scores)} studies of {images} -> {output_dir}")
+    exam_table(exams, ("any",), threshold, keyed=False).to_csv(output_dir / "exams.csv", index=False,
+                                                                float_format="%.9g")
+    print_metrics(metrics, title=f"{task.name} on {len(exams.study)} studies of {images} -> {output_dir}")
     return metrics
 
 

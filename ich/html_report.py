@@ -201,8 +201,8 @@ def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Seque
         ], summary=True))
     if "test/exam_auroc" in metrics:
         exams = metrics.get("data/exams_test")
-        rows.append(_row("exams (highest slice probability)", MISSING if exams is None else f"{int(exams):,} exams", [
-            _interval(metrics, "exam_auroc", ""), "", "", "", _value(metrics, "test/op_threshold", "{:.3g}"),
+        rows.append(_row("exams (studies)", MISSING if exams is None else f"{int(exams):,} exams", [
+            _interval(metrics, "exam_auroc", ""), "", "", "", _value(metrics, "test/exam_op_threshold", "{:.3g}"),
             _interval(metrics, "exam_op_sensitivity", ""), _interval(metrics, "exam_op_specificity", ""),
         ], summary=True))
     note = (

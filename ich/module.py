@@ -11,6 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -45,6 +47,9 @@ class SliceClassifier(pl.LightningModule):
     optimizer, scheduler), sets `self.task`, calls `track_outputs`, and writes `_step(batch, stage)` -> loss.
     """
 
+    # What choose_operating_points writes into a checkpoint after training.
+    OPERATING_BUFFERS: tuple[str, ...] = ("op_thresholds", "temperature")
+
     def track_outputs(self, threshold: float) -> None:
         """The operating buffers and the metrics of `self.task`; `threshold` is the fixed one of the metrics."""
         self.register_buffer("op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
@@ -75,6 +80,22 @@ class SliceClassifier(pl.LightningModule):
                  self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
                                                                       zip(self.task.outputs, thresholds)),
                  float(self.temperature))
+
+    def exam_rows(self, trainer: pl.Trainer, loader: DataLoader, ids: list[str], logits: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """What an exam's probability is the highest of (ich.exam), from a stage's slice predictions: for a slice
+        model its slices, as ids, probabilities [N, K] and 0/1 truth [N, K]. None where there is no exam level."""
+        return ids, self.probabilities(logits).numpy(), one_vs_rest(self.task, targets.numpy())
+
+    def exam_thresholds(self) -> np.ndarray:
+        """The thresholds exams are called at [K]: a slice model's exam is its highest slice, called as a slice is."""
+        return self.op_thresholds.cpu().numpy()
+
+    def choose_operating_points(self, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame) -> None:
+        """Everything `OPERATING_BUFFERS` holds, chosen on the validation predictions of `trainer` over `loader`
+        (`table`: the validation slices). A slice model's exams take its slice thresholds: nothing more."""
+        _, logits, targets = predict_logits(trainer, self, loader)
+        self.choose_operating_point(logits, targets)
 
     def on_fit_start(self) -> None:
         """Train and validate as the plain model: a run resumed from a calibrated checkpoint chooses again."""
@@ -151,6 +172,8 @@ class ICHLitModule(SliceClassifier):
         normalize: auto (the backbone's pretrained mean/std when its weights come from pretraining, none
             from scratch) | pretrained (that mean/std always) | none. The values are buffers, so they
             travel in the checkpoint with the weights.
+        precision: the trainer's precision its test stage predicted at (`bf16-mixed`, `32-true`, ...), which
+            prediction (ich.deploy) takes too, so that a study gets the test stage's probabilities.
         inputs: how the data module shapes a slice (ICHDataModule.inputs: windows, context, image size,
             channels); data: the training run's data config. Both only travel in the checkpoint, so
             evaluation and prediction need nothing but the .ckpt file.
@@ -180,6 +203,7 @@ class ICHLitModule(SliceClassifier):
         channels_last: bool = False,
         compile: bool = False,
         normalize: str = "auto",
+        precision: str = "32-true",
         inputs: dict | None = None,
         data: dict | None = None,
     ) -> None:
@@ -287,13 +311,7 @@ class ICHLitModule(SliceClassifier):
         """Save the arguments that rebuild this model anywhere: the state dict carries the weights, so
         load_from_checkpoint must not fetch the hub or read a weights file or checkpoint again (they may be
         gone, the machine offline), nor compile for the training GPU. The running module keeps its own."""
-        checkpoint["hyper_parameters"] = {
-            **checkpoint["hyper_parameters"],
-            "pretrained": False,
-            "weights": None,
-            "init_from": None,
-            "compile": False,
-        }
+        checkpoint["hyper_parameters"] = portable_hparams(checkpoint["hyper_parameters"])
 
     def _init_from(self, path: Path) -> None:
         """Start from one of our checkpoints: its backbone always, its head only when the shapes fit the task."""
@@ -324,6 +342,12 @@ class ICHLitModule(SliceClassifier):
             log.info("Initialised backbone and head from %s", path)
         else:
             log.info("Initialised the backbone from %s; its head does not fit task %s: new head", path, self.task.name)
+
+
+def portable_hparams(hparams: dict) -> dict:
+    """ICHLitModule arguments that rebuild a trained model anywhere once its state dict is loaded: no hub, weights
+    file or checkpoint to start from, no compilation for the training GPU."""
+    return {**hparams, "pretrained": False, "weights": None, "init_from": None, "compile": False}
 
 
 def input_normalization(backbone: nn.Module, channels: int, mode: str, pretrained: bool) -> tuple[torch.Tensor, torch.Tensor]:

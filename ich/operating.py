@@ -1,4 +1,4 @@
-"""Honest numbers: operating points, calibration, patient-level intervals and exam-level scores.
+"""Honest numbers: operating points, calibration and patient-level intervals (exams: ich.exam).
 
 A threshold of 0.5 is no operating point (class weights or undersampling move it anywhere), so one
 threshold per output is chosen on the validation patients; test slices are then read at that threshold.
@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from ich.exam import exam_scores
 from ich.tasks import Task
 
 log = logging.getLogger(__name__)
 
 OPERATING_POINTS = ("sensitivity", "youden")
-# The output whose values the unsuffixed keys (`test/op_sensitivity`, `test/ece`, exams) report when a task has it.
+# The output whose values the unsuffixed keys (`test/op_sensitivity`, `test/ece`) and exams report when a task has it.
 HEADLINE_LABEL = "any"
 
 
@@ -35,6 +34,13 @@ def called(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
     (operating points, plots, reports, prediction); torchmetrics' fixed-threshold metrics (`test/sensitivity` at
     task.threshold) count `>` instead, a family of their own that this rule leaves alone."""
     return np.asarray(probs) >= np.asarray(thresholds)
+
+
+def headline_output(task: Task) -> int | None:
+    """The output the unsuffixed keys and the exams report: `any`, or a binary task's one label; None for subtype."""
+    if HEADLINE_LABEL in task.outputs:
+        return task.outputs.index(HEADLINE_LABEL)
+    return 0 if task.num_outputs == 1 else None
 
 
 # --- one output: scores [N] and 0/1 truth [N] -----------------------------------------------------------
@@ -221,7 +227,6 @@ def honest_metrics(
     thresholds: np.ndarray,
     temperature: float,
     patients: np.ndarray,
-    studies: np.ndarray | None,
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -231,20 +236,19 @@ def honest_metrics(
     Per output, at its operating point: `op_threshold`, `op_sensitivity`, `op_specificity` with their patient
     bootstrap intervals (`_ci_low`, `_ci_high`), and `ece` (`ece_uncalibrated` too when the temperature is not 1);
     `auroc_ci_low`/`auroc_ci_high` around `test/auroc` (the macro mean over outputs). Keys of one output end in
-    `_<label>` when the task has several; the unsuffixed keys are the binary output's or `any`'s, which also gets
-    the exam-level `exam_auroc`, `exam_op_sensitivity` and `exam_op_specificity` (an exam is a study).
-    `data/patients_test` and `data/exams_test` count what the intervals and the exam level stand on.
+    `_<label>` when the task has several; the unsuffixed keys are the binary output's or `any`'s (the exam level is
+    ich.exam.exam_metrics'). `data/patients_test` counts the patients the intervals stand on.
 
     Args:
         logits: [N, K] test logits; targets: as the task's loss takes them.
         thresholds: [K] the model's operating thresholds; temperature: the model's (applied to the logits).
-        patients, studies: per slice; studies None skips the exam level (logged).
+        patients: per slice.
         resamples, seed: of the patient bootstrap.
     """
     probs = probabilities(task, logits.float(), temperature).numpy()
     truth = one_vs_rest(task, targets.numpy())
     count = task.num_outputs
-    headline = task.outputs.index(HEADLINE_LABEL) if HEADLINE_LABEL in task.outputs else 0 if count == 1 else None
+    headline = headline_output(task)
     metrics: dict[str, float] = {}
 
     def put(name: str, k: int, value: float) -> None:
@@ -279,14 +283,4 @@ def honest_metrics(
             put(f"{name}_ci_low", k, low[1 + (j + 1) * count + k])
             put(f"{name}_ci_high", k, high[1 + (j + 1) * count + k])
     metrics["data/patients_test"] = float(len(np.unique(patients)))
-
-    if headline is None:
-        log.info("No exam-level metrics for task=%s: exams are read on the `any` output or a binary one", task.name)
-    elif studies is None:
-        log.info("No exam-level metrics: this data source has no studies (PNG/JPG slices)")
-    else:
-        scores, positive = exam_scores(probs[:, headline], truth[:, headline], studies)
-        sensitivity, specificity = sensitivity_specificity(scores, positive, thresholds[headline])
-        metrics.update({"test/exam_auroc": auroc(scores, positive), "test/exam_op_sensitivity": sensitivity,
-                        "test/exam_op_specificity": specificity, "data/exams_test": float(len(scores))})
     return metrics

@@ -88,7 +88,8 @@ class Predictor:
     exam is its highest slice; a stage-2 sequence model (ich.sequence) reads the whole ordered series."""
 
     labels: tuple[str, ...]
-    thresholds: np.ndarray  # [K], a probability at or above its threshold is called
+    thresholds: np.ndarray  # [K], a slice probability at or above its threshold is called
+    exam_thresholds: np.ndarray  # [K], the same for a study's exam probability (ich.exam)
     thresholds_chosen: bool  # chosen on the validation patients; False: the fixed threshold, no operating point
     task: str
     inputs: dict  # windows, context, image_size (the checkpoint's, or its encoder's)
@@ -114,16 +115,23 @@ def load_predictor(ckpt_path: str, batch_size: int) -> Predictor:
                                 for start in range(0, len(stacks), batch_size)])
         return probs, series_exam_probabilities(probs)
 
-    return Predictor(labels=tuple(deployed.labels), thresholds=deployed.thresholds,
+    return Predictor(labels=tuple(deployed.labels), thresholds=deployed.thresholds, exam_thresholds=deployed.thresholds,
                      thresholds_chosen=deployed.thresholds_chosen, task=deployed.task, inputs=deployed.inputs,
                      source=deployed.source, exam_rule="its highest slice probability", series=series,
                      module=deployed.module)
 
 
 def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
-    """A stage-2 checkpoint: its encoder makes each slice's features, the sequence model reads the series."""
+    """A stage-2 checkpoint: the encoder it carries makes each slice's features, the sequence model reads the series;
+    slices are called at its slice thresholds, exams at its exam output's own."""
     model = SequenceLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    encoder = HUModel(model.encoder()).eval()  # the encoder's inputs made from HU, as ich.deploy makes them
+    if model.hparams.inputs["source"] == "images":
+        raise ValueError(f"{checkpoint} was trained over an encoder of already windowed PNG/JPG slices (data=images), "
+                         "which has no windows to apply to HU: predict with a stage-2 model over a DICOM-trained encoder.")
+    if model.task.loss != "bce":
+        raise ValueError(f"{checkpoint} is a stage-2 subtype model, whose exam output is not trained: predict with the "
+                         "stage-1 subtype run it was trained on (model.encoder) instead.")
+    encoder = HUModel(model.slice_encoder).eval()  # the encoder's inputs made from HU, as ich.deploy makes them
     thresholds = model.op_thresholds.cpu().numpy().astype(np.float32)
     temperature = float(model.temperature)
 
@@ -133,7 +141,7 @@ def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
                                 for start in range(0, len(stacks), batch_size)])
         return predict_series(model, planes, positions=positions, batch_size=batch_size)
 
-    return Predictor(labels=tuple(model.task.outputs), thresholds=thresholds,
+    return Predictor(labels=tuple(model.task.outputs), thresholds=thresholds, exam_thresholds=model.exam_thresholds(),
                      thresholds_chosen=operating_point_chosen(thresholds, float(model.hparams.threshold), temperature),
                      task=model.task.name, inputs=dict(model.hparams.inputs), source=checkpoint,
                      exam_rule="the sequence model's exam output over the ordered series", series=series,
@@ -249,7 +257,8 @@ class Outputs:
     def __init__(self, model: Predictor, output_dir: Path, keep_ids: bool, heatmaps: int):
         self.model, self.output_dir, self.keep_ids, self.heatmaps = model, output_dir, keep_ids, heatmaps
         self.labels = tuple(model.labels)
-        self.thresholds = np.asarray(model.thresholds, dtype=np.float64)
+        self.thresholds = np.asarray(model.thresholds, dtype=np.float64)  # of slices
+        self.exam_thresholds = np.asarray(model.exam_thresholds, dtype=np.float64)  # of studies
         self.studies: list[dict] = []
         self.slices: list[pd.DataFrame] = []
         self.series: list[dict] = []
@@ -300,16 +309,16 @@ class Outputs:
             row.update({f"prob_{label}": np.nan for label in self.labels})
         else:
             exam = result.exam
-            text, positive = verdict(self.labels, self.model.task, exam, self.thresholds)
+            text, positive = verdict(self.labels, self.model.task, exam, self.exam_thresholds)
             contrast = all(r.series.contrast for r in read)
             row.update(verdict=f"{text} ({CONTRAST_NOTE})" if contrast else text, positive=int(positive),
                        slices=sum(len(r.probs) for r in read), series="; ".join(r.series.describe() for r in read),
                        series_key=";".join(r.series.key for r in read),
                        covered_mm=round(covered_mm([r.series for r in read]), 1), contrast=int(contrast))
             row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
-            decided = called(exam, self.thresholds)
+            decided = called(exam, self.exam_thresholds)
             row.update({f"called_{label}": int(on) for label, on in zip(self.labels, decided)})
-        row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.thresholds)})
+        row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.exam_thresholds)})
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
             f"{r.series.describe()}: " + ", ".join(f"p({label}) {p:.3f}" for label, p in zip(self.labels, r.exam))
@@ -592,5 +601,5 @@ def _reasons(counts: Counter) -> str:
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 

@@ -10,7 +10,8 @@ patients and report the same metric names (ich.metrics), slice level and exam le
     python train.py model=sequence model.encoder=outputs/<date>/<time>
     python evaluate.py ckpt_path=<that stage-2 run>
 
-For prediction on new series: `SequenceLitModule.load_from_checkpoint(path)` and `predict_series`.
+For prediction on new series: `SequenceLitModule.load_from_checkpoint(path)` and `predict_series`. The checkpoint
+carries its encoder (weights and arguments), so it predicts on any machine without the stage-1 run folder.
 """
 
 import logging
@@ -33,9 +34,10 @@ from ich.data.datamodule import ICHDataModule, check_slice_order, task_targets
 from ich.data.dataset import as_bytes
 from ich.data.splits import STAGES
 from ich.embeddings import Embeddings, embed, load_or_extract
+from ich.exam import exams_of
 from ich.metrics import OneVsRestAUROC
-from ich.module import ICHLitModule, SliceClassifier, build_loss
-from ich.operating import HEADLINE_LABEL, probabilities
+from ich.module import ICHLitModule, SliceClassifier, build_loss, portable_hparams
+from ich.operating import HEADLINE_LABEL, choose_thresholds, fit_temperature, probabilities, slice_groups
 from ich.results import file_digest
 from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
 from ich.tasks import Task, get_task
@@ -43,8 +45,8 @@ from ich.tasks import Task, get_task
 log = logging.getLogger(__name__)
 
 KINDS = ("gru", "conv1d", "transformer")
-# metrics.json key of the sequence model's own exam score (per series, the headline output): `exam_auroc` stays
-# the max over slice probabilities, as stage 1 reports it, so the two stages compare on both.
+# The key of the exam output's AUROC per series on the headline output, logged every epoch (`val/exam_score_auroc`);
+# `exam_auroc` is the AUROC of the exams (ich.exam), studies scored by their series' exam output.
 EXAM_SCORE_KEY = "exam_score_auroc"
 
 
@@ -178,6 +180,9 @@ def collate_series(items: list[dict]) -> dict:
     batch["valid"] = torch.arange(longest)[None, :] < lengths[:, None]
     batch["exam_target"] = torch.stack([item["exam_target"] for item in items])
     batch["image_id"] = [i for item in items for i, scored in zip(item["image_id"], item["labelled"]) if scored]
+    # one scored slice per series: what its study and patient are looked up by (ich.exam.stage_exams)
+    batch["exam_image_id"] = [next(i for i, scored in zip(item["image_id"], item["labelled"]) if scored)
+                              for item in items]
     return batch
 
 
@@ -260,10 +265,17 @@ class SequenceLitModule(SliceClassifier):
         kind, hidden, layers, dropout, kernel, heads: the SequenceNet (conf/model/sequence.yaml).
         threshold, operating_point, target_sensitivity, calibrate, rsna_weights: as ICHLitModule's.
         optimizer, scheduler: Hydra `_target_` dicts (conf/optimizer, conf/scheduler).
-        encoder: {path, sha256, backbone} of the stage-1 checkpoint, referenced by its content hash; flip: how
-            its embeddings were made. inputs, data: the encoder's inputs and the data stage 2 was trained on,
-            so evaluate.py shapes and splits data as both stages did.
+        encoder: {path, sha256, backbone, hparams} of the stage-1 checkpoint: its content hash keys the cached
+            embeddings, and its arguments (ich.module.portable_hparams) rebuild it here as `slice_encoder`, whose
+            weights travel in this checkpoint's state dict. flip: how its embeddings were made. inputs, data: the
+            encoder's inputs and the data stage 2 was trained on, so evaluate.py shapes and splits data as both
+            stages did.
+
+    Its exam output has its own operating point, chosen on the validation exams after training (with
+    `calibrate`, a temperature first): buffers `exam_op_thresholds` and `exam_temperature`.
     """
+
+    OPERATING_BUFFERS = (*SliceClassifier.OPERATING_BUFFERS, "exam_op_thresholds", "exam_temperature")
 
     def __init__(self, task: str = "binary", label: str | None = None, features: int = 512, kind: str = "gru",
                  hidden: int = 128, layers: int = 1, dropout: float = 0.3, kernel: int = 5, heads: int = 4,
@@ -280,7 +292,13 @@ class SequenceLitModule(SliceClassifier):
         self.headline = self.task.outputs.index(HEADLINE_LABEL) if HEADLINE_LABEL in self.task.outputs else 0
         for stage in STAGES:
             setattr(self, f"{stage}_exam_auroc", OneVsRestAUROC(self.task.num_outputs, average=None))
-        self._encoder: ICHLitModule | None = None
+        self.register_buffer("exam_op_thresholds", torch.full((self.task.num_outputs,), float(threshold)))
+        self.register_buffer("exam_temperature", torch.ones(()))
+        if encoder and "hparams" not in encoder:
+            raise ValueError("This stage-2 checkpoint predates checkpoints that carry their encoder: train it again "
+                             "(python train.py model=sequence model.encoder=<its stage-1 run>).")
+        # frozen: it made the embeddings; kept to embed new series in prediction
+        self.slice_encoder = ICHLitModule(**encoder["hparams"]).requires_grad_(False) if encoder else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 slice logits [B, L, K] and exam logits [B, K] of a collated batch of series. The network is
@@ -295,7 +313,7 @@ class SequenceLitModule(SliceClassifier):
         logits = slice_logits[batch["labelled"]]
         return {"image_id": batch["image_id"], "logits": logits, "probs": self.probabilities(logits),
                 "target": batch["target"][batch["labelled"]], "exam_logits": exam_logits,
-                "exam_target": batch["exam_target"]}
+                "exam_target": batch["exam_target"], "exam_image_id": batch["exam_image_id"]}
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         slice_logits, exam_logits = self(batch)
@@ -317,13 +335,57 @@ class SequenceLitModule(SliceClassifier):
         exam.reset()
         return {f"{stage}/{EXAM_SCORE_KEY}": value}
 
-    # --- prediction on new series ---------------------------------------------------------------------
+    # --- the exam output's operating point -----------------------------------------------------------
 
-    def encoder(self) -> ICHLitModule:
-        """The stage-1 encoder this model was trained on (loaded once, checked against its content hash)."""
-        if self._encoder is None:
-            self._encoder = load_encoder(self.hparams.encoder).to(self.device).eval()
-        return self._encoder
+    def exam_probabilities(self, exam_logits: torch.Tensor) -> torch.Tensor:
+        """The exam output's probabilities at its own temperature (1 unless calibrated)."""
+        return probabilities(self.task, exam_logits, self.exam_temperature.to(exam_logits.device))
+
+    def exam_thresholds(self) -> np.ndarray:
+        return self.exam_op_thresholds.cpu().numpy()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.exam_temperature.fill_(1.0)
+        self.exam_op_thresholds.fill_(self.hparams.threshold)
+
+    def exam_rows(self, trainer: pl.Trainer, loader: DataLoader, ids: list[str], logits: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """Each series of `loader` (named by one of its scored slices) with its exam output's probabilities and truth;
+        None for subtype, whose exam output is not trained (its slices are all positive)."""
+        if self.task.loss != "bce":
+            return None
+        series, exam_logits, exam_targets = series_exam_logits(trainer.predict(self, dataloaders=loader))
+        return series, self.exam_probabilities(exam_logits).numpy(), exam_targets.long().numpy()
+
+    def choose_operating_points(self, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame) -> None:
+        """The slice operating point as stage 1's; then, for sigmoid tasks, the exam output's temperature (with
+        `calibrate`, fitted on the validation series) and its thresholds, chosen on the validation exams."""
+        batches = trainer.predict(self, dataloaders=loader)
+        self.choose_operating_point(torch.cat([b["logits"] for b in batches]).float().cpu(),
+                                    torch.cat([b["target"] for b in batches]).cpu())
+        if self.task.loss != "bce":
+            return
+        series, exam_logits, exam_targets = series_exam_logits(batches)
+        calibrated = fit_temperature(exam_logits, exam_targets, "bce") if self.hparams.calibrate else 1.0
+        self.exam_temperature.fill_(calibrated)
+        patients, studies = slice_groups(table, series)
+        exams = exams_of(self.exam_probabilities(exam_logits).numpy(), exam_targets.long().numpy(),
+                         np.asarray(series) if studies is None else studies, patients)
+        thresholds = choose_thresholds(exams.probs, exams.truth, self.hparams.operating_point,
+                                       self.hparams.target_sensitivity, fallback=self.hparams.threshold)
+        self.exam_op_thresholds.copy_(torch.as_tensor(thresholds))
+        log.info("Exam operating point (%s) on %d validation exams: thresholds %s, temperature %.3f",
+                 self.hparams.operating_point, len(exams.study),
+                 ", ".join(f"{name} {t:.4f}" for name, t in zip(self.task.outputs, thresholds)), calibrated)
+
+
+def series_exam_logits(batches: list[dict]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """From SequenceLitModule.predict_step's batches: one scored slice id per series, the exam logits [S, K] and
+    the exam targets [S, K], on the CPU."""
+    series = [image_id for batch in batches for image_id in batch["exam_image_id"]]
+    return (series, torch.cat([b["exam_logits"] for b in batches]).float().cpu(),
+            torch.cat([b["exam_target"] for b in batches]).float().cpu())
 
 
 @torch.inference_mode()
@@ -335,13 +397,13 @@ def predict_series(model: SequenceLitModule, stacks: torch.Tensor | np.ndarray |
     Args:
         model: `SequenceLitModule.load_from_checkpoint(path)`.
         stacks: the series' slices as the stage-1 model takes them, uint8 [L, C, H, W] (windows x context
-            channels, shaped as the checkpoint's `inputs` say); embedded by the encoder, which must then be at
-            the path the checkpoint names. Or, instead, `embeddings` [L, D] and `logits` [L, K] of the encoder.
+            channels, shaped as the checkpoint's `inputs` say); embedded by the encoder the checkpoint carries.
+            Or, instead, `embeddings` [L, D] and `logits` [L, K] of the encoder.
         positions: [L] the slices' places along the head; without them the rows must come top to bottom. With
             them the model sees the sorted series and the probabilities come back in the rows' own order.
     """
     if stacks is not None:
-        encoder = model.encoder()
+        encoder = model.slice_encoder.eval()
         images = torch.as_tensor(stacks)
         parts = [embed(encoder, images[i:i + batch_size].to(model.device), model.hparams.flip)
                  for i in range(0, len(images), batch_size)]
@@ -356,22 +418,10 @@ def predict_series(model: SequenceLitModule, stacks: torch.Tensor | np.ndarray |
     slice_logits, exam_logits = model(batch)
     probs = np.empty((len(order), model.task.num_outputs), np.float32)
     probs[order] = model.probabilities(slice_logits[0]).cpu().numpy()
-    return probs, probabilities(model.task, exam_logits[0]).cpu().numpy()
+    return probs, model.exam_probabilities(exam_logits[0]).cpu().numpy()
 
 
 # --- from a config or a checkpoint ----------------------------------------------------------------------
-
-
-def load_encoder(reference: dict) -> ICHLitModule:
-    """The stage-1 checkpoint a stage-2 model references, refused when it is gone or its content changed."""
-    path = Path(reference["path"])
-    if not path.is_file():
-        raise FileNotFoundError(f"The stage-1 encoder {path} (sha256 {reference['sha256'][:16]}) of this stage-2 "
-                                "checkpoint is missing and its embeddings are not cached: put that file back there.")
-    if file_digest(str(path)) != reference["sha256"]:
-        raise ValueError(f"The stage-1 encoder {path} changed since stage 2 was trained on it (another sha256): "
-                         f"restore it, or train stage 2 again with model.encoder={path}.")
-    return ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 def adopt_task(cfg: DictConfig, task: Task) -> None:
@@ -410,7 +460,8 @@ def build_stage_two(cfg: DictConfig) -> tuple[SequenceDataModule, SequenceLitMod
     output_dir.mkdir(parents=True, exist_ok=True)
     if data.get("split_file"):  # beside the stage-2 checkpoint too, for evaluate.py
         shutil.copyfile(data["split_file"], output_dir / "split.csv")
-    reference = {"path": str(path.resolve()), "sha256": file_digest(str(path)), "backbone": encoder.hparams.backbone}
+    reference = {"path": str(path.resolve()), "sha256": file_digest(str(path)), "backbone": encoder.hparams.backbone,
+                 "hparams": portable_hparams(dict(encoder.hparams))}
     label = encoder.task.outputs[0] if encoder.task.name == "binary" else None
     slices = ICHDataModule(task=encoder.task.name, label=label, output_dir=str(output_dir), **data)
     settings = OmegaConf.to_container(cfg.model.sequence, resolve=True)
@@ -427,6 +478,7 @@ def build_stage_two(cfg: DictConfig) -> tuple[SequenceDataModule, SequenceLitMod
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         encoder=reference, flip=bool(cfg.model.flip), inputs=inputs, data=data,
     )
+    model.slice_encoder.load_state_dict(encoder.state_dict())
     return datamodule, model
 
 
@@ -437,9 +489,10 @@ def is_stage_two(checkpoint: Path) -> bool:
 
 
 def stage_two_data(model: SequenceLitModule, slices: ICHDataModule, data: dict) -> SequenceDataModule:
-    """The series of a stage-2 checkpoint's data for evaluation: cached embeddings, or extracted by its encoder."""
-    reference = model.hparams.encoder
-    return SequenceDataModule(slices, data, reference, lambda: load_encoder(reference), flip=model.hparams.flip)
+    """The series of a stage-2 checkpoint's data for evaluation: cached embeddings, or extracted by the encoder it
+    carries."""
+    return SequenceDataModule(slices, data, model.hparams.encoder, lambda: model.slice_encoder,
+                              flip=model.hparams.flip)
 
 
 def exam_score_metrics(trainer: pl.Trainer, model: SequenceLitModule, loader: DataLoader) -> dict[str, float]:

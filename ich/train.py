@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
 from ich.data.datamodule import ICHDataModule
+from ich.exam import report_exams, stage_exams
 from ich.hardware import resolve_trainer
 from ich.html_report import write_evaluation_report
 from ich.models.backbone import check_backbone_name
@@ -39,6 +40,7 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
     """The LightningModule gets plain values only, so a checkpoint reloads without the config."""
     task = datamodule.task
     weighted = bool(cfg.task.class_weights)
+    trainer = resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
     return ICHLitModule(
         task=task.name,
         label=task.outputs[0] if task.name == "binary" else None,
@@ -52,7 +54,8 @@ def build_module(cfg: DictConfig, datamodule: ICHDataModule) -> ICHLitModule:
         rsna_weights=bool(cfg.task.get("rsna_weights", False)),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
-        channels_last=bool(resolve_trainer(OmegaConf.to_container(cfg.trainer, resolve=True)).get("channels_last")),
+        channels_last=bool(trainer.get("channels_last")),
+        precision=str(trainer["precision"]),
         inputs=datamodule.inputs,
         data=OmegaConf.to_container(cfg.data, resolve=True),
         **OmegaConf.to_container(cfg.model, resolve=True),
@@ -259,17 +262,16 @@ def prediction_trainer(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
 def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: ICHLitModule,
                             datamodule: ICHDataModule) -> None:
     """Temperature and thresholds of the best checkpoint and of last.ckpt, each chosen on its own validation
-    predictions (ICHLitModule.choose_operating_point) and written into its file: a .ckpt alone carries them.
+    predictions (SliceClassifier.choose_operating_points) and written into its file: a .ckpt alone carries them.
 
     Lightning writes last.ckpt when it writes a best one, so the two often hold the same step: then they are
     chosen once. Without checkpoint files (fast_dev_run) the model in memory gets them.
     """
     selection = trainer.checkpoint_callback
     paths = {Path(p) for p in (selection.best_model_path, selection.last_model_path) if p} if selection else set()
-    loader = datamodule.loader(datamodule.datasets["val"])
+    loader, table = datamodule.loader(datamodule.datasets["val"]), datamodule.tables["val"]
     if not paths:
-        _, logits, targets = predict_logits(predictor, model, loader)
-        model.choose_operating_point(logits, targets)
+        model.choose_operating_points(predictor, loader, table)
         return
     chosen_at: dict[int, dict[str, torch.Tensor]] = {}  # global step -> the buffers chosen for its weights
     for path in sorted(paths):
@@ -277,9 +279,8 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
         step = checkpoint["global_step"]
         if step not in chosen_at:
             chosen = type(model).load_from_checkpoint(path, map_location="cpu", weights_only=True)
-            _, logits, targets = predict_logits(predictor, chosen, loader)
-            chosen.choose_operating_point(logits, targets)
-            chosen_at[step] = {name: getattr(chosen, name).detach().cpu() for name in ("op_thresholds", "temperature")}
+            chosen.choose_operating_points(predictor, loader, table)
+            chosen_at[step] = {name: getattr(chosen, name).detach().cpu() for name in chosen.OPERATING_BUFFERS}
         checkpoint["state_dict"].update(chosen_at[step])
         write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
@@ -287,15 +288,20 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
 def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLitModule,
                             datamodule: ICHDataModule, tested: dict[str, float], checkpoint: str) -> dict[str, float]:
     """The tested model's operating points, patient-level intervals, calibration and exam level on the test
-    split (ich.operating.honest_metrics, as evaluate.py reports them); reliability.png and report.html (with
+    split (ich.operating.honest_metrics and ich.exam, as evaluate.py reports them); exams.csv, reliability.png and
+    report.html (with
     the `tested` metrics of the test stage) in the run folder."""
-    ids, logits, targets = predict_logits(predictor, model, datamodule.loader(datamodule.datasets["test"]))
-    patients, studies = slice_groups(datamodule.tables["test"], ids)
+    loader, table = datamodule.loader(datamodule.datasets["test"]), datamodule.tables["test"]
+    ids, logits, targets = predict_logits(predictor, model, loader)
+    patients, _ = slice_groups(table, ids)
     temperature = float(model.temperature)
     output_dir = Path(cfg.output_dir)
     save_reliability_diagram(output_dir / "reliability.png", model.task, logits, targets, temperature)
     honest = honest_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
-                            studies, resamples=int(cfg.bootstrap), seed=int(cfg.seed))
+                            resamples=int(cfg.bootstrap), seed=int(cfg.seed))
+    exams = stage_exams(model, predictor, loader, table, ids, logits, targets)
+    honest.update(report_exams(model.task, exams, model.exam_thresholds(), output_dir, int(cfg.bootstrap),
+                               int(cfg.seed)))
     table = predictions_table(model.task, ids, datamodule.tables["test"].set_index("image_id")["patient"],
                               model.probabilities(logits), targets)
     slices = getattr(datamodule, "slices", datamodule)  # stage 2 reports on its encoder's slices

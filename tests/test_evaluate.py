@@ -30,8 +30,8 @@ FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "
 
 def train_run(path, cache_dir, *overrides):
     """A training run folder as `python train.py` leaves it: .hydra/config.yaml, split.csv, checkpoints/."""
-    # precision auto, as evaluate.py's default decides it too: the test stage of training and the evaluation see
-    # the same probabilities (bf16 on a CPU with native bf16, float32 elsewhere)
+    # precision auto (bf16 on a CPU with native bf16, float32 elsewhere), which the checkpoint carries: evaluate.py
+    # predicts at it by default, so the test stage of training and the evaluation see the same probabilities
     cfg = compose_config("train", [*FAST_RUN, f"output_dir={path}", f"data.cache_dir={cache_dir}", *overrides])
     (path / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, path / ".hydra" / "config.yaml", resolve=True)  # Hydra's job, which compose skips

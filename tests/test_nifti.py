@@ -314,13 +314,14 @@ def test_evaluate_against_study_level_truth(volume_run, dataset, tmp_path):
     metrics = evaluate(compose_config("evaluate", [*overrides, f"output_dir={tmp_path / 'out'}"]), overrides)
     assert metrics["data/exams_test"] == PATIENTS and metrics["data/exams_unmatched"] == 1
     assert metrics["data/exams_positive"] == sum(truth.values()) and metrics["data/slices_test"] == PATIENTS * SLICES
-    studies = pd.read_csv(tmp_path / "out" / "studies.csv").set_index("study")
-    assert studies["truth"].to_dict() == {pseudonym(p): t for p, t in truth.items()}
-    assert metrics["test/exam_auroc"] == pytest.approx(roc_auc_score(studies["truth"], studies["score"]))
-    called = studies["score"] >= metrics["test/exam_op_threshold"]
-    assert metrics["test/exam_op_sensitivity"] == pytest.approx(called[studies["truth"] == 1].mean())
-    assert metrics["test/exam_op_specificity"] == pytest.approx(1 - called[studies["truth"] == 0].mean())
+    studies = pd.read_csv(tmp_path / "out" / "exams.csv").set_index("study")
+    assert studies["truth_any"].to_dict() == {pseudonym(p): t for p, t in truth.items()}
+    assert metrics["test/exam_auroc"] == pytest.approx(roc_auc_score(studies["truth_any"], studies["prob_any"]))
+    called = studies["prob_any"] >= metrics["test/exam_op_threshold"]
+    assert (studies["called_any"] == called).all()
+    assert metrics["test/exam_op_sensitivity"] == pytest.approx(called[studies["truth_any"] == 1].mean())
+    assert metrics["test/exam_op_specificity"] == pytest.approx(1 - called[studies["truth_any"] == 0].mean())
     assert metrics["test/exam_auroc_ci_low"] <= metrics["test/exam_auroc"] <= metrics["test/exam_auroc_ci_high"]
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert written["data/exams_test"] == PATIENTS and not any(p in (tmp_path / "out" / "studies.csv").read_text()
+    assert written["data/exams_test"] == PATIENTS and not any(p in (tmp_path / "out" / "exams.csv").read_text()
                                                                for p in truth)

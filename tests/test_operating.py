@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ich.exam import exam_scores
+from ich.exam import exam_metrics, exams_of
 from ich.operating import (
     auroc,
     calibration_bins,
@@ -106,8 +106,8 @@ def test_an_exam_is_positive_when_any_slice_is_and_scores_its_highest_slice():
     scores = np.array([0.1, 0.3, 0.7, 0.4, 0.2])
     truth = np.array([0, 0, 1, 0, 0])
     exams = np.array(["A", "B", "A", "B", "A"])
-    best, positive = exam_scores(scores, truth, exams)
-    assert best.tolist() == [0.7, 0.4] and positive.tolist() == [1, 0]
+    found = exams_of(scores[:, None], truth[:, None], exams, np.array(["p"] * 5))
+    assert found.probs[:, 0].tolist() == [0.7, 0.4] and found.truth[:, 0].tolist() == [1, 0]
 
 
 # --- patient bootstrap --------------------------------------------------------------------------------
@@ -186,8 +186,9 @@ def test_binary_report_at_the_operating_point_with_exams_by_study():
     targets = torch.tensor([1.0, 1, 1, 0, 0, 0])[:, None]
     patients = np.array(["p1", "p1", "p1", "p2", "p2", "p2"])
     studies = np.array(["A", "A", "A", "B", "B", "B"])
-    metrics = honest_metrics(get_task("binary"), logits_of(probs), targets, np.array([0.5]), 1.0, patients, studies,
+    metrics = honest_metrics(get_task("binary"), logits_of(probs), targets, np.array([0.5]), 1.0, patients,
                              resamples=100, seed=0)
+    metrics.update(exam_metrics(exams_of(np.array(probs)[:, None], targets.numpy(), studies, patients), 0, 0.5))
     assert metrics["test/op_threshold"] == 0.5
     assert metrics["test/op_sensitivity"] == pytest.approx(2 / 3)
     assert metrics["test/op_specificity"] == pytest.approx(2 / 3)
@@ -206,7 +207,7 @@ def test_six_labels_report_any_unsuffixed_and_every_label_suffixed():
     logits = torch.as_tensor(rng.normal(0, 1, (40, 6)), dtype=torch.float32) + 2 * targets - 1
     patients = np.repeat(np.arange(10), 4)
     metrics = honest_metrics(get_task("multilabel"), logits, targets, np.full(6, 0.5, np.float32), 2.0, patients,
-                             patients, resamples=50, seed=0)
+                             resamples=50, seed=0)
     for name in ("op_threshold", "op_sensitivity", "op_specificity", "ece", "ece_uncalibrated",
                  "op_sensitivity_ci_low", "op_sensitivity_ci_high", "op_specificity_ci_low", "op_specificity_ci_high"):
         assert metrics[f"test/{name}"] == metrics[f"test/{name}_any"], name
