@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ich.module import SliceClassifier
-from ich.operating import auroc, headline_output, patient_bootstrap, sensitivity_specificity, slice_groups
+from ich.operating import auroc, called, headline_output, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.privacy import pseudonym
 from ich.tasks import Task
 
@@ -69,7 +69,7 @@ def exam_table(exams: Exams, labels: tuple[str, ...], thresholds: np.ndarray, ke
     for k, label in enumerate(labels):
         table[f"truth_{label}"] = exams.truth[:, k]
         table[f"prob_{label}"] = exams.probs[:, k]
-        table[f"called_{label}"] = (exams.probs[:, k] >= thresholds[k]).astype(int)
+        table[f"called_{label}"] = called(exams.probs[:, k], thresholds[k]).astype(int)
     return table
 
 
