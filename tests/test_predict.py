@@ -182,7 +182,7 @@ def trained(cache_dir, tmp_path_factory):
     # enough to read the phantom's 4 test studies right: 40 patients, 8 epochs at a higher rate, float32 (faster here)
     quick = [o for o in FAST_RUN if not o.startswith(("data.phantom.", "trainer.max_epochs", "data.batch_size"))]
     cfg = compose_config("train", [*quick, f"output_dir={path}", f"data.cache_dir={cache_dir}", "data.context=1",
-                                   "data.phantom.patients=40", "data.phantom.slices=8", "data.phantom.size=64",
+                                   "data.phantom.patients=80", "data.phantom.slices=8", "data.phantom.size=64",
                                    "data.batch_size=16", "optimizer.lr=0.003", "trainer.max_epochs=8",
                                    "trainer.precision=32-true", "test=false"])
     train(cfg)

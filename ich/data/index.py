@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ich.data.dicom import CT_ONLY, DicomReadError, read_slice
 from ich.data.order import ORDER_SOURCES, slice_order
-from ich.data.sources import check_unique_ids
+from ich.data.sources import check_unique_ids, image_ids
 from ich.privacy import pseudonym
 from ich.results import write_atomic
 from ich.tasks import LABELS
@@ -32,8 +32,9 @@ from ich.tasks import LABELS
 log = logging.getLogger(__name__)
 
 # 3: InstanceNumber and the source of each series' slice order (`instance`, `order`); 4: positions along the normal
-# turned toward the head, and positions that do not tell slices apart ordered as missing ones (ich.data.order)
-INDEX_VERSION = 4
+# turned toward the head, and positions that do not tell slices apart ordered as missing ones (ich.data.order);
+# 5: an unlabelled folder's image ids are paths below it (file names repeat across a hospital export's series)
+INDEX_VERSION = 5
 BRAIN_HU = (0.0, 80.0)  # the brain window: CSF, grey and white matter, fresh blood
 
 
@@ -137,8 +138,13 @@ def build_index(
     """Scan every DICOM under `image_dir` that has a label (or every one, when `labels` is None), and merge
     the labels in: the index is the one table of slices that training reads."""
     files = list_dicoms(image_dir)
-    check_unique_ids([f.stem for f in files], [str(f.relative_to(image_dir)) for f in files],
-                     "a DICOM's image id is its file name (as RSNA's labels name it): keep one copy of each file.")
+    names = [str(f.relative_to(image_dir)) for f in files]
+    if labels is not None:  # labels name a DICOM by its file name, as RSNA's do
+        check_unique_ids([f.stem for f in files], names,
+                         "a DICOM's image id is its file name (as RSNA's labels name it): keep one copy of each file.")
+        id_of = {str(f): f.stem for f in files}
+    else:  # no labels to match: a hospital export repeats file names (IM0000) in every series folder
+        id_of = dict(zip(map(str, files), image_ids(names)))
     summary = IndexSummary(files_found=len(files))
     skipped: list[dict] = []
     if labels is not None:
@@ -148,7 +154,8 @@ def build_index(
         files = [f for f in files if f.stem in known]
         missing = sorted(known - {f.stem for f in files})
         skipped += [{"image_id": i, "skip": "missing_file", "detail": "labelled, but no DICOM file"} for i in missing]
-    rows = _scan_all([str(f) for f in files], workers, modalities)
+    paths = [str(f) for f in files]
+    rows = [{**row, "image_id": id_of[path]} for path, row in zip(paths, _scan_all(paths, workers, modalities))]
     skipped += [row for row in rows if "skip" in row]
     index = pd.DataFrame([row for row in rows if "skip" not in row])
     if index.empty:
