@@ -165,6 +165,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     "AccessionNumber and file paths; keep them inside the hospital.")
     outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
     with input_folder(cfg.input) as folder:
+        if "modalities" not in model.inputs:
+            raise ValueError(f"{model.source} does not say which DICOM modalities its training read as CT (it predates "
+                             "ich 2026-12): train it again with this version of ich.")
         scan = scan_folder(folder, int(cfg.min_slices), model.inputs["modalities"])
         if not scan.files:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")

@@ -311,7 +311,7 @@ def test_two_images_with_one_id_are_refused_naming_both(tmp_path):
         read_image_table(tmp_path, tmp_path / "labels.csv", ("any",))
 
 
-def test_two_dicoms_with_one_file_name_are_refused_naming_both(cache_dir, tmp_path):
+def test_two_labelled_dicoms_with_one_file_name_are_refused_and_unlabelled_ones_get_their_paths(cache_dir, tmp_path):
     import shutil
 
     from ich.data.datamodule import phantom_root
@@ -322,8 +322,12 @@ def test_two_dicoms_with_one_file_name_are_refused_naming_both(cache_dir, tmp_pa
     for folder in ("a", "b"):
         (tmp_path / "dicoms" / folder).mkdir(parents=True)
         shutil.copy(source, tmp_path / "dicoms" / folder / source.name)
+    labels = pd.DataFrame({"image_id": [source.stem], **{label: [0] for label in LABELS}})  # labels name files
     with pytest.raises(ValueError, match=rf"^a/{source.stem}\.dcm and b/{source.stem}\.dcm both get the image id"):
-        build_index(tmp_path / "dicoms", None, workers=1)
+        build_index(tmp_path / "dicoms", labels, workers=1)
+    # a hospital export without labels repeats file names in every series folder: each slice is its path
+    index, _, _ = build_index(tmp_path / "dicoms", None, workers=1)
+    assert sorted(index["image_id"]) == [f"a/{source.stem}", f"b/{source.stem}"]
 
 
 @pytest.mark.slow

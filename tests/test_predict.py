@@ -386,3 +386,17 @@ def test_without_a_checkpoint_or_input_the_error_names_the_option(tmp_path):
         predict_run(compose_config("predict", [f"output_dir={tmp_path}"]))
     with pytest.raises(ValueError, match=r"predict.py needs input=PATH"):
         predict_run(compose_config("predict", [f"ckpt_path={tmp_path}", f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_say_which_modalities_it_read_is_refused_in_one_sentence(trained, export, tmp_path):
+    import torch
+
+    from ich.runs import best_checkpoint
+
+    checkpoint = torch.load(best_checkpoint(trained), map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]["inputs"]["modalities"]  # as checkpoints written before it was recorded
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    with pytest.raises(ValueError, match="does not say which DICOM modalities its training read as CT"):
+        predict(older, export[0], tmp_path / "out")
