@@ -1,4 +1,5 @@
-"""Remake the screenshots of the site and the README from the phantom: `python docs/screenshots.py` (about 6 minutes on a 2-core CPU).
+"""Remake the screenshots of the site and the README from the phantom: `python docs/screenshots.py` (about 6 minutes on
+a 2-core CPU), or `python docs/screenshots.py outputs/<date>/<time>` to take a default run that is already trained.
 
 It trains the default run on the built-in phantom (the report of its test stage), predicts a freshly written phantom
 folder with it (predict.py's report), opens both pages in headless Chromium and writes the top of each, scaled
@@ -39,13 +40,14 @@ def screenshot(page: Path, out: Path, height: int, work: Path) -> None:
     print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} kB)")
 
 
-def main() -> None:
+def main(trained: Path | None) -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ich-screenshots-") as folder:
         work = Path(folder)
         runs = work / "outputs"
-        run(sys.executable, "train.py", *TRAIN, f"hydra.run.dir={runs}/train/run")
-        trained = runs / "train" / "run"
+        if trained is None:
+            run(sys.executable, "train.py", *TRAIN, f"hydra.run.dir={runs}/train/run")
+            trained = runs / "train" / "run"
         screenshot(trained / "report.html", IMAGES / "report.png", 1700, work)
         run(sys.executable, "-m", "ich.phantom", "--out", str(work / "export"), "--patients", "4", "--seed", "7",
             "--size", "256")
@@ -55,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else None)
