@@ -1,11 +1,11 @@
-"""`python -m ich.gpu_check --out gpu_check`: every GPU figure the README lacks, in one command of a few minutes.
+"""`python -m ich.gpu_check --out gpu_check`: every GPU figure the speed page (docs/explanation/speed.md) lacks, in one command of a few minutes.
 
 No GPU had been lent to the project when this was written, so it was prepared to be run once, the first time one
 is: the GPU benchmark (densenet121 at 256 px in bf16, random tensors against real cached batches, TFLOP/s against
 the card's peak) and a few training steps of `train.py` with trainer=gpu, trainer=ddp and model.compile=true.
 Each part is its own process with its own timeout and log files, and gpu_check.json is rewritten after every
 part, so a part that fails or runs out of time loses no other part's figures. At the end it prints a Markdown
-table to paste into the README, and a few lines per failed part.
+table to paste into docs/explanation/speed.md, and a few lines per failed part.
 """
 
 import argparse
@@ -234,7 +234,7 @@ def table_rows(parts: dict) -> list[tuple[str, str]]:
 
 
 def summary(record: dict) -> str:
-    """The Markdown table for the README, then one paragraph per part that did not end well."""
+    """The Markdown table for the speed page, then one paragraph per part that did not end well."""
     machine = record["machine"]
     lines = [f"Machine: {machine['gpus']} x {machine['gpu']} ({machine['gpu_memory_gib']} GiB), driver "
              f"{machine['driver']}, CUDA {machine['cuda']}, torch {machine['torch']}, {machine['cpu_cores']} CPU cores.",

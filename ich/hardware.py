@@ -25,7 +25,7 @@ def resolve_trainer(trainer: dict) -> dict:
     """The trainer config with `precision: auto` and `channels_last: auto` decided for this machine.
 
     auto means bf16-mixed on a GPU that supports bf16 or on a CPU with native bf16, 32-true elsewhere; and
-    channels-last on every CPU (oneDNN's convolutions were never slower with it, in float32 too: README, "Training
+    channels-last on every CPU (oneDNN's convolutions were never slower with it, in float32 too: docs/explanation/speed.md, "Training
     speed settings") and on a GPU with bf16. Metrics are computed in float32 either way (the head and the
     probabilities are float32: see ICHLitModule.forward).
     """

@@ -1,4 +1,4 @@
-"""`python -m ich.bench` on tiny settings: it runs and writes every figure the README table needs."""
+"""`python -m ich.bench` on tiny settings: it runs and writes every figure the speed page's table needs."""
 
 import json
 

@@ -133,7 +133,7 @@ def test_prepare_builds_the_cache_and_prints_it(cache_dir, capsys):
 
 
 def test_train_py_runs_on_the_slice_cache(cache_dir, tmp_path):
-    """The README's advice for a loader-bound GPU, through the real conf/."""
+    """The speed page's advice for a loader-bound GPU, through the real conf/."""
     from conftest import FAST_RUN
     from ich.train import run
 

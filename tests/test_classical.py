@@ -34,7 +34,7 @@ SMALL_SPACES = {
 }
 
 
-# The Keras paper's seventeen backbones -> our conf/model files (README: "The seventeen Keras backbones").
+# The Keras paper's seventeen backbones -> our conf/model files (docs/how-to/classical.md: "The seventeen Keras backbones").
 KERAS_BACKBONES = {
     "Xception": "xception", "VGG16": "vgg16", "VGG19": "vgg19", "ResNet50": "resnet50", "ResNet101": "resnet101",
     "ResNet152": "resnet152", "ResNet50V2": "resnet50v2", "ResNet101V2": "resnet101v2",

@@ -125,7 +125,7 @@ def memory_budget() -> int:
 def resolve_workers(num_workers: int | str, devices: int = 1, on_cpu: bool = False) -> int:
     """DataLoader processes for `data.num_workers`. `auto` shares the usable cores among the GPUs, at most 8
     each; training on the CPU gets one: the model's threads need the cores, and one worker reading, windowing
-    and augmenting keeps ahead of a CPU-trained model by far (see README, Speed)."""
+    and augmenting keeps ahead of a CPU-trained model by far (see docs/explanation/speed.md)."""
     if num_workers != "auto":
         return int(num_workers)
     if on_cpu:
