@@ -33,7 +33,8 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from ich.data.datamodule import neighbour_rows
-from ich.data.dicom import DicomReadError, read_hu_square
+from ich.data.dicom import DicomReadError, read_hu, square_hu
+from ich.data.index import brain_fraction
 from ich.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
 from ich.heatmap import BRAIN, grad_cam, last_stage, side_by_side
 from ich.html_report import figure_tag, page, section, tile_tag
@@ -95,9 +96,10 @@ class Predictor:
     inputs: dict  # windows, context, image_size (the checkpoint's, or its encoder's)
     source: Path
     exam_rule: str  # how a series' exam probability is made, in words for the report
-    # int16 HU [N, S, S] in position order, each slice's context rows [N, 2k+1], positions [N] ->
-    # slice probabilities [N, K] and exam probabilities [K]
-    series: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    # int16 HU [N, S, S] in position order, each slice's context rows [N, 2k+1], positions [N], whether each slice
+    # counts in the exam [N] (ich.exam: the slices training would have tested) -> slice probabilities [N, K] and
+    # exam probabilities [K]
+    series: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
     module: HUModel | None = None  # the stage-1 torch model that heat maps take gradients of; None: no heat maps
 
 
@@ -110,10 +112,11 @@ def load_predictor(ckpt_path: str, batch_size: int) -> Predictor:
             return sequence_predictor(checkpoint, batch_size)
     deployed = load_deployed(path)
 
-    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray,
+               scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs = np.concatenate([deployed(hu[stacks[start:start + batch_size]])
                                 for start in range(0, len(stacks), batch_size)])
-        return probs, series_exam_probabilities(probs)
+        return probs, series_exam_probabilities(probs[scored])
 
     return Predictor(labels=tuple(deployed.labels), thresholds=deployed.thresholds, exam_thresholds=deployed.thresholds,
                      thresholds_chosen=deployed.thresholds_chosen, task=deployed.task, inputs=deployed.inputs,
@@ -135,7 +138,9 @@ def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
     thresholds = model.op_thresholds.cpu().numpy().astype(np.float32)
     temperature = float(model.temperature)
 
-    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def series(hu: np.ndarray, stacks: np.ndarray, positions: np.ndarray,
+               scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the exam output reads the whole series, blank slices included, as in training (ich.sequence)
         with torch.inference_mode():
             planes = torch.cat([encoder.planes(torch.from_numpy(hu[stacks[start:start + batch_size]]))
                                 for start in range(0, len(stacks), batch_size)])
@@ -165,9 +170,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     "AccessionNumber and file paths; keep them inside the hospital.")
     outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
     with input_folder(cfg.input) as folder:
-        if "modalities" not in model.inputs:
-            raise ValueError(f"{model.source} does not say which DICOM modalities its training read as CT (it predates "
-                             "ich 2026-12): train it again with this version of ich.")
+        if not {"modalities", "min_brain_fraction"} <= set(model.inputs):
+            raise ValueError(f"{model.source} does not say which DICOM modalities and slices its training read (it "
+                             "predates ich 2026-12): train it again with this version of ich.")
         scan = scan_folder(folder, int(cfg.min_slices), model.inputs["modalities"])
         if not scan.files:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")
@@ -194,15 +199,20 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
     """Predict each eligible series of one study and the series it is read on (ich.study.read_on).
 
     A slice whose pixels do not read is left out and listed; a series left with fewer than `min_slices` slices
-    is skipped as too_few_slices.
+    is skipped as too_few_slices. Slices with less brain than the checkpoint's data.min_brain_fraction are
+    predicted and drawn but count in no exam, as they were no test slices in training; a series without one other
+    slice is skipped as blank.
     """
     results = []
     size, context = int(model.inputs["image_size"]), int(model.inputs["context"])
+    min_brain = float(model.inputs["min_brain_fraction"])
     for series in study.eligible:
-        planes, kept = [], []
+        planes, kept, brain = [], [], []
         for image in series.slices:
             try:
-                planes.append(read_hu_square(image.path, size))
+                hu = read_hu(image.path)
+                brain.append(brain_fraction(hu))  # at full resolution, as the index measures it for training
+                planes.append(square_hu(hu, size))
                 kept.append(image)
             except DicomReadError as err:
                 detail = str(err).replace(str(image.path), "the file")  # a path may name the patient
@@ -211,11 +221,17 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
         if len(kept) < min_slices:
             series.reason, series.detail = "too_few_slices", TOO_FEW_SLICES
             continue
+        scored = np.array(brain) >= min_brain
+        if not scored.any():
+            series.reason = "blank"
+            series.detail = (f"no slice with at least {min_brain:g} of its pixels in the brain's HU range (the "
+                             "checkpoint's data.min_brain_fraction)")
+            continue
         hu = np.stack(planes)
         order = pd.DataFrame({"series": series.key, "slice_index": np.arange(len(kept)), "series_length": len(kept)})
         stacks = neighbour_rows(order, context)  # training's rule: true neighbours, the edge slice repeated
         positions = np.array([image.position for image in kept])
-        probs, exam = model.series(hu, stacks, positions)
+        probs, exam = model.series(hu, stacks, positions, scored)
         results.append(SeriesResult(series, positions, probs, hu, stacks, exam))
     predicted = {id(result.series): result for result in results}  # Series are mutable: keyed by identity
     read = [predicted[id(series)] for series in read_on([result.series for result in results])]

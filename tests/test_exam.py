@@ -16,13 +16,44 @@ from conftest import FAST_RUN, compose_config, make_datamodule
 from ich.evaluate import run as evaluate
 from ich.exam import exam_metrics, exams_of
 from ich.module import ICHLitModule, portable_hparams
-from ich.predict import run as predict
+from ich.predict import Predictor, predict_study, run as predict
 from ich.privacy import pseudonym
 from ich.sequence import SequenceLitModule
+from ich.study import scan_folder
 from ich.train import run as train
+from test_order import write_slice
 
 # Its module fixtures train once; under pytest-xdist (`--dist loadgroup`) the module stays on one worker.
 pytestmark = pytest.mark.xdist_group("exam")
+
+
+def test_slices_training_would_not_have_tested_count_in_no_exam_of_predict(tmp_path):
+    """With data.min_brain_fraction=0.2 the test stage has no blank slice, so predict.py's exam must not either. A
+    stand-in model scores each slice by its share of air: the two blank slices (all air) score 1.0, the eight head
+    slices (half air, half brain) 0.5, so the exam is 0.5 with the filter and 1.0 without; a series of blanks only
+    is not read at all."""
+    head = np.full((32, 32), -1000, np.int16)
+    head[:, 16:] = 40  # brain density on the right half: brain fraction 0.5
+    for k in range(10):
+        write_slice(tmp_path / "head" / f"{k}.dcm", head if 1 <= k <= 8 else np.full((32, 32), -1000, np.int16),
+                    (0.0, 0.0, 5.0 * k), (1, 0, 0, 0, 1, 0), "1.2.3.4.1", InstanceNumber=k + 1)
+        write_slice(tmp_path / "air" / f"{k}.dcm", np.full((32, 32), -1000, np.int16), (0.0, 0.0, 5.0 * k),
+                    (1, 0, 0, 0, 1, 0), "1.2.3.4.2", InstanceNumber=k + 1)
+
+    def air_share(hu, stacks, positions, scored):
+        probs = (hu[stacks[:, 0]] < -500).mean(axis=(1, 2))[:, None]
+        return probs, probs[scored].max(axis=0)
+
+    def exam(min_brain: float):
+        model = Predictor(labels=("any",), thresholds=np.array([0.5]), exam_thresholds=np.array([0.5]),
+                          thresholds_chosen=True, task="binary", source=tmp_path, exam_rule="", series=air_share,
+                          inputs={"image_size": 32, "context": 0, "min_brain_fraction": min_brain})
+        return predict_study(scan_folder(tmp_path, min_slices=1).studies[0], model, min_slices=1)
+
+    filtered, unfiltered = exam(0.2), exam(0.0)
+    assert filtered.exam[0] == pytest.approx(0.5) and unfiltered.exam[0] == pytest.approx(1.0)
+    reasons = {series.number or series.key: series.reason for series in filtered.study.series}
+    assert sorted(reasons.values()) == ["", "blank"]
 
 
 def test_exam_intervals_resample_patients_so_a_patients_two_studies_move_together():

@@ -398,5 +398,5 @@ def test_a_checkpoint_that_does_not_say_which_modalities_it_read_is_refused_in_o
     del checkpoint["hyper_parameters"]["inputs"]["modalities"]  # as checkpoints written before it was recorded
     older = tmp_path / "older.ckpt"
     torch.save(checkpoint, older)
-    with pytest.raises(ValueError, match="does not say which DICOM modalities its training read as CT"):
+    with pytest.raises(ValueError, match="does not say which DICOM modalities and slices its training read"):
         predict(older, export[0], tmp_path / "out")

@@ -216,7 +216,8 @@ def trained(cache_dir, tmp_path_factory):
     train(compose_config("train", [*quick, f"output_dir={path}", f"data.cache_dir={cache_dir}", "data.context=1",
                                    "data.phantom.patients=80", "data.phantom.slices=8", "data.phantom.size=64",
                                    "data.batch_size=16", "optimizer.lr=0.003", "trainer.max_epochs=8",
-                                   "trainer.precision=32-true", "test=false"]))
+                                   "trainer.precision=32-true", "test=false",
+                                   "task.operating_point=youden"]))
     return path
 
 
@@ -235,18 +236,18 @@ def prediction(trained, studies, tmp_path_factory):
     root, written = studies
     output_dir = tmp_path_factory.mktemp("predict")
     broken = written["plain"].root
-    read = ich.predict.read_hu_square
+    read = ich.predict.read_hu
 
-    def crashing(path, size):
+    def crashing(path):
         if broken in Path(path).parents:
             raise RuntimeError(f"decoder crashed on {path} of study {written['plain'].study}")
-        return read(path, size)
+        return read(path)
 
     handler = Lines()
     logging.getLogger("ich.predict").addHandler(handler)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ich.predict, "read_hu_square", crashing)
+            patch.setattr(ich.predict, "read_hu", crashing)
             cfg = compose_config("predict", [f"ckpt_path={trained}", f"input={root}", f"output_dir={output_dir}",
                                              "min_slices=4"])
             predict_run(cfg)

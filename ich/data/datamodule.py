@@ -219,6 +219,8 @@ class ICHDataModule(pl.LightningDataModule):
             "image_size": self.image_size,
             "channels": self.num_channels,
             "modalities": list(self.modalities),
+            # slices with less brain than this are no test slices, so they count in no exam (ich.exam)
+            "min_brain_fraction": 0.0 if self.source == "images" else self.min_brain_fraction,
         }
 
     # -- the full table of usable slices --------------------------------------------------------

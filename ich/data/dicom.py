@@ -183,7 +183,13 @@ def read_hu_square(path: str | Path, size: int) -> np.ndarray:
     HU are rounded after resizing: CT stores whole HU, int16 halves the cache, and windowing
     whole HU is one vectorised integer pass per window.
     """
-    square = fit_to_square(read_hu(path), size)  # a new array: rounding it in place is safe
+    return square_hu(read_hu(path), size)
+
+
+def square_hu(hu: np.ndarray, size: int) -> np.ndarray:
+    """An HU image as read_hu_square makes it: padded to a square, resized to size x size, rounded to int16. `hu`
+    may be rounded in place when it already is a float32 size x size image."""
+    square = fit_to_square(hu, size)
     return np.rint(square, out=square).astype(np.int16)
 
 
