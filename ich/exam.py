@@ -2,10 +2,12 @@
 predict.py share.
 
 An exam is a study, read on the series that ich.study chooses for it in predict.py (several when a split protocol
-needs them to cover the head), and on its labelled series in the test stage and evaluate.py. A series' exam probability per output is its highest slice probability for a slice model, or
-the sequence model's exam output for stage 2; the exam's is the highest over the series it is read on. The exam is
-positive when any of its slices is, and it is called at its output's exam threshold (`p >= threshold`): a slice
-model's slice thresholds, a sequence model's own exam thresholds (chosen on the validation exams).
+needs them to cover the head), and on its labelled series in the test stage and evaluate.py. A series' exam
+probability per output is its highest probability over the slices training would have tested (those with at
+least data.min_brain_fraction of brain) for a slice model, or the sequence model's exam output for stage 2; the
+exam's is the highest over the series it is read on. The exam is positive when any of its slices is, and it is
+called at its output's exam threshold (`p >= threshold`): a slice model's slice thresholds, a sequence model's own
+exam thresholds (chosen on the validation exams).
 """
 
 import logging
