@@ -241,7 +241,7 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     index = datamodule.folder_index(images)
     # each study scored on the series predict.py reads it on (ich.study.read_on), not on scouts, bone or perfusion;
     # min_slices=1: a labelled study is scored on whatever series it has, however short
-    read = files_read(index["path"].tolist(), min_slices=1)
+    read = files_read(index["path"].tolist(), min_slices=1, modalities=datamodule.modalities)
     index = add_slice_order(index[index["path"].isin({str(path) for path in read})])
     study = study_of_slices(index, truth, images, str(cfg.study_id))
 

@@ -20,7 +20,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ich.module import SliceClassifier
 from ich.operating import auroc, called, headline_output, patient_bootstrap, sensitivity_specificity, slice_groups
 from ich.privacy import pseudonym
 from ich.tasks import Task
@@ -95,10 +94,11 @@ def exam_metrics(exams: Exams, output: int, threshold: float, resamples: int = 1
     return metrics
 
 
-def stage_exams(model: SliceClassifier, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame, ids: list[str],
-                logits: torch.Tensor, targets: torch.Tensor) -> Exams | None:
+def stage_exams(model: pl.LightningModule, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame,
+                ids: list[str], logits: torch.Tensor, targets: torch.Tensor) -> Exams | None:
     """The exams of a stage (test or validation) from its slice predictions `ids`, `logits` [N, K], `targets`,
-    scored as `model` scores them (SliceClassifier.exam_rows: its slices, or its series); `table` is the stage's
+    scored as `model`, an ich.module.SliceClassifier, scores them (its exam_rows: its slices, or its series; taken
+    by that method, not imported, so that exams sit below the LightningModules); `table` is the stage's
     slice table. None for a source without studies (PNG/JPG slices) or a model without exams (stage-2 subtype)."""
     rows = model.exam_rows(trainer, loader, ids, logits, targets)
     if rows is None:

@@ -78,6 +78,10 @@ class StudyResult:
         """The study's exam probability per output: the highest of the series it is read on (ich.exam)."""
         return combine_series([result.exam for result in self.read])
 
+    def is_read(self, result: SeriesResult) -> bool:
+        """Whether the study is read on this series (by identity: results holding arrays do not compare by value)."""
+        return any(result is one for one in self.read)
+
 
 # --- the model, whichever file it comes in ------------------------------------------------------------
 
@@ -234,11 +238,11 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
         probs, exam = model.series(hu, stacks, positions, scored)
         results.append(SeriesResult(series, positions, probs, hu, stacks, exam))
     predicted = {id(result.series): result for result in results}  # Series are mutable: keyed by identity
-    read = [predicted[id(series)] for series in read_on([result.series for result in results])]
+    answer = StudyResult(study, results, [predicted[id(series)] for series in read_on([r.series for r in results])])
     for result in results:  # only the pixels of the series read are drawn; the others' are freed now
-        if all(result is not one for one in read):
+        if not answer.is_read(result):
             result.hu = result.hu[:0]
-    return StudyResult(study, results, read)
+    return answer
 
 
 # --- what a study's numbers say ---------------------------------------------------------------------
@@ -299,7 +303,7 @@ class Outputs:
         once all are made: a study that fails on the way leaves nothing half written."""
         row = self.study_row(result)
         skipped = self.skipped_rows(result.study, root)
-        slices = [self.slice_rows(result.study, r, any(r is one for one in result.read)) for r in result.results]
+        slices = [self.slice_rows(result.study, r, result.is_read(r)) for r in result.results]
         series = self.series_rows(result)
         tiles = self.draw_heatmaps(result) if row["positive"] == 1 else []
         section = self.study_section(row, result, tiles)
@@ -341,7 +345,7 @@ class Outputs:
         row["operating_point"] = self.operating_point()
         row["other_series"] = "; ".join(
             f"{r.series.describe()}: " + ", ".join(f"p({label}) {p:.3f}" for label, p in zip(self.labels, r.exam))
-            for r in result.results if all(r is not one for one in read))
+            for r in result.results if not result.is_read(r))
         row["skipped"] = "; ".join(skipped_lines(study))
         row["failed"] = failed
         return row
@@ -372,7 +376,7 @@ class Outputs:
             r = predicted.get(id(series))
             rows.append({
                 "study": result.study.key, "series": series.key, "number": series.number,
-                "role": role(series, r, result.read),
+                "role": role(series, r, result),
                 "reason": series.reason, "slices": len(series.slices), "files_left_out": len(series.left_out),
                 "left_out": ", ".join(f"{reason}: {count}" for reason, count in sorted(series.skipped.items())),
                 "detail": series.detail, "thickness_mm": round(series.thickness, 3) if series.slices else np.nan,
@@ -577,12 +581,12 @@ class Outputs:
         print_studies(studies, self.labels, self.keep_ids, self.output_dir)
 
 
-def role(series: Series, result: SeriesResult | None, read: list[SeriesResult]) -> str:
+def role(series: Series, result: SeriesResult | None, study: StudyResult) -> str:
     """A series' part in its study: `used` (read on), `predicted` (an alternative), `skipped`, or `failed` (its
     study failed before it was read)."""
     if result is None:
         return "skipped" if series.reason else "failed"
-    return "used" if any(result is one for one in read) else "predicted"
+    return "used" if study.is_read(result) else "predicted"
 
 
 def skipped_lines(study: Study) -> list[str]:

@@ -33,7 +33,8 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from tqdm.auto import tqdm
 
-from ich.data.dicom import CT_ONLY, DicomReadError, first_float, read_hu, slice_position, tag_value
+from ich.data.dicom import (CT_ONLY, DicomReadError, admitted_modalities, first_float, read_hu, slice_position,
+                            tag_value)
 from ich.data.order import slice_order
 from ich.privacy import pseudonym
 
@@ -219,7 +220,8 @@ def read_on(series: list[Series]) -> list[Series]:
             same_kind = (candidate.contrast, candidate.sharp) == (read[0].contrast, read[0].sharp)
             spans = [s.span for s in read]
             gap = min(max(0.0, start - high, low - end) for start, end in spans)
-            if same_kind and high > low and gap <= JOIN_GAP_MM and _inside(low, high, spans) < JOIN_OVERLAP * (high - low):
+            new_range = _inside(low, high, spans) < JOIN_OVERLAP * (high - low)
+            if same_kind and high > low and gap <= JOIN_GAP_MM and new_range:
                 read.append(candidate)
                 waiting.remove(candidate)
                 joined = True
@@ -270,7 +272,7 @@ def scan_folder(root: Path, min_slices: int, modalities: Sequence[str] = CT_ONLY
     `modalities` are the Modality values read as CT: those the model's training data admitted (data.modalities).
     """
     paths = sorted(path for path in root.rglob("*") if path.is_file())
-    admitted = frozenset(m.strip().upper() for m in modalities)
+    admitted = admitted_modalities(modalities)
     progress = tqdm(paths, desc="Reading headers", unit="file", mininterval=1.0, disable=len(paths) < 500)
     images = [read_image_header(path, admitted) for path in progress]
     loose = [image for image in images if not image.study_uid]
@@ -287,10 +289,12 @@ def group_studies(images: list[ImageFile], min_slices: int) -> list[Study]:
     return sorted(studies, key=lambda study: study.key)
 
 
-def files_read(paths: list[Path], min_slices: int) -> set[Path]:
+def files_read(paths: list[Path], min_slices: int, modalities: Sequence[str] = CT_ONLY) -> set[Path]:
     """Of these files, the slices of the series their studies are read on (read_on): evaluate.py scores a study
-    against study-level truth on what predict.py would read it on, not on scouts, bone copies or perfusion."""
-    studies = group_studies([read_image_header(Path(path)) for path in paths], min_slices)
+    against study-level truth on what predict.py would read it on, not on scouts, bone copies or perfusion.
+    `modalities` as in scan_folder."""
+    admitted = admitted_modalities(modalities)
+    studies = group_studies([read_image_header(Path(path), admitted) for path in paths], min_slices)
     return {image.path for study in studies for series in read_on(study.eligible) for image in series.slices}
 
 

@@ -300,9 +300,14 @@ def _parse_pixel_format(path: str | Path, ds: Dataset) -> PixelFormat:
     return header
 
 
+def admitted_modalities(modalities: Sequence[str]) -> frozenset[str]:
+    """data.modalities as the Modality values they admit: `[ct, " OT"]` admits CT and OT."""
+    return frozenset(m.strip().upper() for m in modalities)
+
+
 def _check_modality(path: str | Path, ds: Dataset, modalities: Sequence[str]) -> None:
     modality = str(tag_value(ds, "Modality") or "CT").strip().upper()  # absent: trust the folder to hold CT
-    if modality not in {m.strip().upper() for m in modalities}:
+    if modality not in admitted_modalities(modalities):
         admitted = ",".join(dict.fromkeys([*(m.strip().upper() for m in modalities), modality]))
         raise DicomReadError(
             path, "not_ct", f"{path} has Modality {modality}, not CT, so Hounsfield windows may mean nothing for it: "

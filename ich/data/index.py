@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ich.data.dicom import CT_ONLY, DicomReadError, read_slice
+from ich.data.dicom import CT_ONLY, DicomReadError, admitted_modalities, read_slice
 from ich.data.order import ORDER_SOURCES, slice_order
 from ich.data.sources import check_unique_ids, image_ids
 from ich.privacy import pseudonym
@@ -196,7 +196,7 @@ def load_or_build_index(
 
     `modalities` are the Modality values admitted as CT slices (data.modalities); the default admits CT alone.
     """
-    admitted = sorted({m.strip().upper() for m in modalities})
+    admitted = sorted(admitted_modalities(modalities))
     settings = "" if admitted == list(CT_ONLY) else f"modalities={','.join(admitted)}"
 
     def build() -> tuple[pd.DataFrame, pd.DataFrame, IndexSummary]:
