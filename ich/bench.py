@@ -41,27 +41,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ich import CONFIG_DIR
+from ich.core.hardware import resolve_trainer
+from ich.core.privacy import pseudonym
+from ich.core.results import write_atomic
+from ich.core.tasks import LABELS
 from ich.data.augment import build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
-from ich.data.dataset import (
-    CacheLoader,
-    DicomLoader,
-    EpochShuffle,
-    SliceDataset,
-    as_bytes,
-    collate_skipping,
-    init_worker,
-    reuse_freed_memory,
-)
+from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, SliceDataset, as_bytes, collate_skipping,
+                              init_worker, reuse_freed_memory)
 from ich.data.dicom import read_hu_square
 from ich.data.index import INDEX_VERSION, IndexSummary, file_stamp, index_dir
+from ich.data.phantom import generate_images
 from ich.data.windows import WINDOWS, parse_windows, window_stack
-from ich.hardware import resolve_trainer
-from ich.phantom import generate_images
-from ich.privacy import pseudonym
-from ich.results import write_atomic
-from ich.tasks import LABELS
 
 WINDOW_NAMES = ("brain", "subdural", "bone")
 BENCH_WINDOWS = tuple(parse_windows(list(WINDOW_NAMES)))
@@ -188,7 +180,7 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
 def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoader | None) -> dict:
     """Training and inference images/s of the backbone on random tensors, FLOPs per image, and with
     `loader`, training images/s on real batches next to the same steps on tensors already on the device."""
-    from ich.module import ICHLitModule
+    from ich.training.module import ICHLitModule
 
     bf16 = args.precision == "bf16-mixed"
     module = ICHLitModule(task="binary", backbone=args.backbone, channels_last=device.type == "cuda").to(device)
@@ -311,7 +303,7 @@ class StepTimer(pl.Callback):
 def ich_vs_plain(datamodule: ICHDataModule, args: argparse.Namespace, precision: str, channels_last: bool) -> dict:
     """Training images/s through ich (this data module, ICHLitModule, Lightning's loop) and through a plain
     loop over the same training slices already in memory as float tensors, unaugmented; and their ratio."""
-    from ich.module import ICHLitModule
+    from ich.training.module import ICHLitModule
 
     steps, warmup, batch = args.vs_plain_steps, args.warmup, datamodule.batch_size
     bf16 = precision == "bf16-mixed"

@@ -21,22 +21,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ich.core.hardware import resolve_trainer
+from ich.core.privacy import pseudonym
+from ich.core.results import predictions_table, print_metrics, write_json
+from ich.core.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
+from ich.core.tasks import LABELS, Task
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import add_slice_order
 from ich.data.windows import parse_windows
-from ich.hardware import resolve_trainer
-from ich.html_report import write_evaluation_report
-from ich.metrics import metrics_at_once
-from ich.module import ICHLitModule, SliceClassifier, predict_logits
-from ich.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
-from ich.operating import honest_metrics, slice_groups
-from ich.plots import save_figures, save_reliability_diagram
-from ich.privacy import pseudonym
-from ich.results import predictions_table, print_metrics, write_json
-from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
-from ich.sequence import SequenceLitModule, exam_score_metrics, is_stage_two, stage_two_data
-from ich.study import files_read
-from ich.tasks import LABELS, Task
+from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
+from ich.evaluation.html_report import write_evaluation_report
+from ich.evaluation.metrics import metrics_at_once
+from ich.evaluation.operating import honest_metrics, slice_groups
+from ich.evaluation.plots import save_figures, save_reliability_diagram
+from ich.inference.study import files_read
+from ich.training.module import ICHLitModule, SliceClassifier, predict_logits
+from ich.training.sequence import SequenceLitModule, exam_score_metrics, is_stage_two, stage_two_data
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    stage_two = is_stage_two(checkpoint)  # a sequence model over a stage-1 checkpoint's series (ich.sequence)
+    stage_two = is_stage_two(checkpoint)  # a sequence model over a stage-1 checkpoint's series (ich.training.sequence)
     model = (SequenceLitModule if stage_two else ICHLitModule).load_from_checkpoint(checkpoint, map_location="cpu",
                                                                                      weights_only=True)
     task = model.task
@@ -224,8 +224,8 @@ def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
 def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path) -> dict[str, float]:
     """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
 
-    Each study under `study_images` is read on the series predict.py reads it on (ich.study.read_on); a study is
-    an exam (ich.exam) scored on `any` and called at the checkpoint's exam threshold. Writes metrics.json (exam
+    Each study under `study_images` is read on the series predict.py reads it on (ich.inference.study.read_on); a study is
+    an exam (ich.evaluation.exam) scored on `any` and called at the checkpoint's exam threshold. Writes metrics.json (exam
     AUROC, sensitivity and specificity with intervals over resampled patients, as every interval) and exams.csv.
     """
     if not isinstance(model, ICHLitModule):
@@ -239,7 +239,7 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     images = Path(cfg.study_images).expanduser()
     truth = read_study_labels(Path(cfg.study_labels).expanduser(), str(cfg.study_id), list(cfg.study_reads))
     index = datamodule.folder_index(images)
-    # each study scored on the series predict.py reads it on (ich.study.read_on), not on scouts, bone or perfusion;
+    # each study scored on the series predict.py reads it on (ich.inference.study.read_on), not on scouts, bone or perfusion;
     # min_slices=1: a labelled study is scored on whatever series it has, however short
     read = files_read(index["path"].tolist(), min_slices=1, modalities=datamodule.modalities)
     index = add_slice_order(index[index["path"].isin({str(path) for path in read})])

@@ -2,10 +2,10 @@
 file that runs without this repository.
 
 The file takes int16 HU slices with their context, [batch, 2k+1, S, S] (any batch), and returns the task's
-probabilities [batch, K] in float32: ich.deploy.HUModel, with the windows, the normalisation, the backbone
+probabilities [batch, K] in float32: ich.inference.deploy.HUModel, with the windows, the normalisation, the backbone
 and the temperature inside, exported in float32 whatever precision and memory layout training used.
 `<file>.json` beside it says what the outputs are and how to decide on them (see `description`);
-`ich.deploy.load_deployed` and predict.py read both.
+`ich.inference.deploy.load_deployed` and predict.py read both.
 """
 
 import logging
@@ -18,9 +18,9 @@ from pytorch_lightning.core.module import _jit_is_scripting
 
 from ich import CONFIG_DIR, __version__
 from ich.cli import friendly_errors, paths_as_written
-from ich.deploy import EXPORT_FORMATS, INPUT_NAME, OUTPUT_NAME, Deployed, description_path, load_deployed
-from ich.operating import DECISION_RULE
-from ich.results import file_digest, write_atomic, write_json
+from ich.core.results import file_digest, write_atomic, write_json
+from ich.evaluation.operating import DECISION_RULE
+from ich.inference.deploy import EXPORT_FORMATS, INPUT_NAME, OUTPUT_NAME, Deployed, description_path, load_deployed
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def export(ckpt_path: Path, format: str, out: Path) -> Path:
     """Write the checkpoint (or a run folder's best one) as one `format` file at `out`, its JSON beside it."""
     if out.suffix != SUFFIXES[format]:
         raise ValueError(f"out={out} must end in {SUFFIXES[format]} for format={format}: "
-                         "predict.py and ich.deploy recognise an exported file by its suffix.")
+                         "predict.py and ich.inference.deploy recognise an exported file by its suffix.")
     deployed = load_deployed(ckpt_path)
     if deployed.module is None:
         raise ValueError(f"ckpt_path={ckpt_path} is an exported file already: pass the .ckpt or run folder it came from.")

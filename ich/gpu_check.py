@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ich import CONFIG_DIR
-from ich.results import write_atomic
+from ich.core.results import write_atomic
 
 ROOT = CONFIG_DIR.parent  # where train.py is
 NO_GPU = ("python -m ich.gpu_check needs a CUDA GPU and this machine has none: for the CPU figures run "

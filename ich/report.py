@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ich.html_report import summary_figure, write_summary
+from ich.evaluation.html_report import summary_figure, write_summary
 
 DEFAULT_METRIC = "val/loss_best"
 # The columns of the markdown table after the optimised metric (the CSV has every metric).

@@ -20,18 +20,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from ich.callbacks import WANDB_RUN_ID_KEY, WandbRunId
+from ich.core.hardware import resolve_trainer
+from ich.core.results import predictions_table, print_metrics, write_atomic, write_json
+from ich.core.runs import resume_checkpoint, training_run_dir
 from ich.data.datamodule import ICHDataModule
-from ich.exam import report_exams, stage_exams
-from ich.hardware import resolve_trainer
-from ich.html_report import write_evaluation_report
+from ich.evaluation.exam import report_exams, stage_exams
+from ich.evaluation.html_report import write_evaluation_report
+from ich.evaluation.operating import honest_metrics, slice_groups
+from ich.evaluation.plots import save_reliability_diagram
 from ich.models.backbone import check_backbone_name
-from ich.module import ICHLitModule, predict_logits
-from ich.operating import honest_metrics, slice_groups
-from ich.plots import save_reliability_diagram
-from ich.results import predictions_table, print_metrics, write_atomic, write_json
-from ich.runs import resume_checkpoint, training_run_dir
-from ich.sequence import build_stage_two
+from ich.training.callbacks import WANDB_RUN_ID_KEY, WandbRunId
+from ich.training.module import ICHLitModule, predict_logits
+from ich.training.sequence import build_stage_two
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _wandb_settings(cfg: DictConfig, resume_from: Path | None) -> dict:
 
 
 def wandb_run_id(checkpoint: Path | None) -> str | None:
-    """The W&B run id that ich.callbacks.WandbRunId stored in a checkpoint (None for another checkpoint)."""
+    """The W&B run id that ich.training.callbacks.WandbRunId stored in a checkpoint (None for another checkpoint)."""
     if checkpoint is None:
         return None
     return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(WANDB_RUN_ID_KEY)
@@ -288,7 +288,7 @@ def choose_operating_points(predictor: pl.Trainer, trainer: pl.Trainer, model: I
 def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLitModule,
                             datamodule: ICHDataModule, tested: dict[str, float], checkpoint: str) -> dict[str, float]:
     """The tested model's operating points, patient-level intervals, calibration and exam level on the test
-    split (ich.operating.honest_metrics and ich.exam, as evaluate.py reports them); exams.csv, reliability.png and
+    split (ich.evaluation.operating.honest_metrics and ich.evaluation.exam, as evaluate.py reports them); exams.csv, reliability.png and
     report.html (with
     the `tested` metrics of the test stage) in the run folder."""
     loader, table = datamodule.loader(datamodule.datasets["test"]), datamodule.tables["test"]

@@ -20,8 +20,8 @@ from ich.classical.classifiers import grouped_folds, param_distributions, probab
 from ich.classical.features import Split, load_or_extract
 from ich.classical.fit import run
 from ich.classical.saving import load_classifier
+from ich.core.tasks import get_task
 from ich.evaluate import compute_metrics
-from ich.tasks import get_task
 
 ROOT = CONFIG_DIR.parent
 # A tiny backbone on small slices, and a search of two settings on two folds: seconds per fit.

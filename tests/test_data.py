@@ -12,7 +12,7 @@ from ich.data.datamodule import ICHDataModule
 from ich.data.sources import read_image_table, read_rsna_labels
 from ich.data.splits import split_by_patient, undersample
 from conftest import PHANTOM, make_datamodule
-from ich.tasks import LABELS, SUBTYPES
+from ich.core.tasks import LABELS, SUBTYPES
 
 
 
@@ -257,7 +257,7 @@ def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
 def test_a_small_image_folder_is_decoded_once_not_every_epoch(cache_dir, tmp_path, monkeypatch):
     import cv2
 
-    from ich.phantom import generate_images
+    from ich.data.phantom import generate_images
 
     written = generate_images(tmp_path / "pngs", patients=6, slices=3, size=64, seed=3)
     labels = pd.read_csv(tmp_path / "pngs" / "labels.csv")
@@ -282,7 +282,7 @@ def ct_ich_layout(root, patients: int, slices: int) -> pd.DataFrame:
     """The phantom's PNGs laid out as CT-ICH's JPG release is: one folder per patient, slices named 1.png, 2.png..."""
     import shutil
 
-    from ich.phantom import generate_images
+    from ich.data.phantom import generate_images
 
     generate_images(root / "flat", patients=patients, slices=slices, size=64, seed=5)
     labels = pd.read_csv(root / "flat" / "labels.csv")

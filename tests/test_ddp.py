@@ -13,9 +13,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
-from ich.metrics import build_metrics
-from ich.module import ICHLitModule
 from ich.data.datamodule import ICHDataModule
+from ich.evaluation.metrics import build_metrics
+from ich.training.module import ICHLitModule
 
 ROOT = CONFIG_DIR.parent
 DDP_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",

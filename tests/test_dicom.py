@@ -15,19 +15,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage
 
-from ich.data.dicom import (
-    DicomReadError,
-    SliceHeader,
-    first_float,
-    fit_to_square,
-    read_header,
-    read_hu,
-    read_slice,
-    slice_position,
-)
+from ich.core.privacy import pseudonym
+from ich.data.dicom import (DicomReadError, SliceHeader, first_float, fit_to_square, read_header, read_hu, read_slice,
+                            slice_position)
 from ich.data.index import load_or_build_index
 from ich.data.windows import Window
-from ich.privacy import pseudonym
 
 # A small known head-CT-like HU image: air, fat, water, brain, blood, bone.
 KNOWN_HU = np.resize(np.array([-1000, -100, 0, 40, 80, 1000, 3000, -500], dtype=np.int16), (32, 32))

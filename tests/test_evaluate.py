@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
-from ich.phantom import generate
+from ich.core.tasks import LABELS, SUBTYPES
+from ich.data.phantom import generate
 from ich.evaluate import data_config, run, submission_rows
-from ich.tasks import LABELS, SUBTYPES
 from ich.train import run as train
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
@@ -265,7 +265,7 @@ def test_test_dir_needs_a_multilabel_checkpoint(binary, tmp_path, test_folder):
 
 
 def test_a_run_folder_without_one_best_checkpoint_says_what_to_pass(tmp_path):
-    from ich.runs import best_checkpoint
+    from ich.core.runs import best_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):

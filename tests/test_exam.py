@@ -13,14 +13,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST_RUN, compose_config, make_datamodule
+from ich.core.privacy import pseudonym
 from ich.evaluate import run as evaluate
-from ich.exam import exam_metrics, exams_of
-from ich.module import ICHLitModule, portable_hparams
-from ich.predict import Predictor, predict_study, run as predict
-from ich.privacy import pseudonym
-from ich.sequence import SequenceLitModule
-from ich.study import scan_folder
+from ich.evaluation.exam import exam_metrics, exams_of
+from ich.inference.answer import Predictor, predict_study
+from ich.inference.study import scan_folder
+from ich.predict import run as predict
 from ich.train import run as train
+from ich.training.module import ICHLitModule, portable_hparams
+from ich.training.sequence import SequenceLitModule
 from test_order import write_slice
 
 # Its module fixtures train once; under pytest-xdist (`--dist loadgroup`) the module stays on one worker.

@@ -12,8 +12,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import FAST_RUN, SMALL_PHANTOM, compose_config
 from ich import CONFIG_DIR
+from ich.core.tasks import LABELS
 from ich.data.datamodule import ICHDataModule
-from ich.tasks import LABELS
 from ich.train import build_module, run
 
 RECIPES = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -16,15 +16,15 @@ import torch
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
+from ich.core.tasks import LABELS, get_task
 from ich.data.dataset import DicomLoader, SliceDataset, as_bytes
 from ich.data.dicom import read_hu_square
+from ich.data.phantom import generate
 from ich.data.windows import parse_windows, window_planes
-from ich.deploy import load_deployed
 from ich.export import export, run as run_export
-from ich.module import ICHLitModule
-from ich.phantom import generate
-from ich.tasks import LABELS, get_task
+from ich.inference.deploy import load_deployed
 from ich.train import run as train
+from ich.training.module import ICHLitModule
 from test_model import TINY
 from test_module import fit
 

@@ -15,18 +15,8 @@ import torch
 from conftest import compose_config
 from ich import CONFIG_DIR
 from ich.bench import parse_args as bench_args
-from ich.gpu_check import (
-    MIN_PART_S,
-    TRAIN_BATCH,
-    TRAIN_STEPS,
-    Part,
-    peak_tflops,
-    plan,
-    run_parts,
-    succeeded,
-    summary,
-    train_figures,
-)
+from ich.gpu_check import (MIN_PART_S, TRAIN_BATCH, TRAIN_STEPS, Part, peak_tflops, plan, run_parts, succeeded, summary,
+                           train_figures)
 
 MACHINE = {"gpu": "NVIDIA H200", "gpus": 1, "gpu_memory_gib": 139.8, "driver": "570.86.15", "cuda": "12.8",
            "cudnn": 90800, "torch": "2.8.0", "python": "3.11.9", "cpu_cores": 16}

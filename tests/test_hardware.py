@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import FAST_RUN, compose_config
-from ich.hardware import cpu_has_native_bf16, resolve_trainer
+from ich.core.hardware import cpu_has_native_bf16, resolve_trainer
 
 
 def cpuinfo(tmp_path, flags: str):
@@ -22,7 +22,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
 @pytest.mark.parametrize("native, precision", [(True, "bf16-mixed"), (False, "32-true")])
 def test_trainer_cpu_takes_bf16_only_where_the_cpu_has_native_bf16_and_channels_last_on_every_cpu(
         monkeypatch, native, precision):
-    monkeypatch.setattr("ich.hardware.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("ich.core.hardware.cpu_has_native_bf16", lambda: native)
     trainer = resolve_trainer(dict(compose_config("train", ["trainer=cpu"]).trainer))
     assert trainer["precision"] == precision and trainer["channels_last"] is True
     forced = resolve_trainer(dict(compose_config("train", ["trainer=cpu", "trainer.precision=32-true"]).trainer))

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from conftest import FAST_RUN, compose_config
-from ich.deploy import load_deployed
-from ich.heatmap import Stage, channels_first, grad_cam
+from ich.inference.deploy import load_deployed
+from ich.inference.heatmap import Stage, channels_first, grad_cam
 from ich.train import run as train
 
 # Its module fixture trains a checkpoint per backbone: the module stays on one worker under pytest-xdist.
@@ -113,7 +113,7 @@ def test_tokens_and_channels_last_maps_keep_each_patch_in_its_place():
 
 
 def test_predict_draws_a_vits_heat_maps_for_its_positive_studies(checkpoints, tmp_path):
-    from ich.phantom import generate
+    from ich.data.phantom import generate
     from ich.predict import run as predict
 
     generate(tmp_path / "export", patients=3, slices=6, size=64, seed=2, quirks=False)

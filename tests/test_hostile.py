@@ -15,11 +15,11 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEG2000Lossless
 
+from ich.core.tasks import LABELS
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import load_or_build_index
-from ich.phantom import generate
+from ich.data.phantom import generate
 from ich.data.sources import read_rsna_labels
-from ich.tasks import LABELS
 
 
 def damage_copy(good: Path, target: Path, change) -> None:

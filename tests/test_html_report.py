@@ -1,4 +1,4 @@
-"""report.html and summary.html (ich.html_report): self-contained, no identifiers, every section; and in Chromium."""
+"""report.html and summary.html (ich.evaluation.html_report): self-contained, no identifiers, every section; and in Chromium."""
 
 import base64
 import re
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from conftest import open_in_chromium
-from ich.html_report import worst_cases, write_report, write_summary
-from ich.privacy import pseudonym
-from ich.tasks import SUBTYPES
+from ich.core.privacy import pseudonym
+from ich.core.tasks import SUBTYPES
+from ich.evaluation.html_report import worst_cases, write_report, write_summary
 
 SECTIONS = {"about": "What was evaluated", "metrics": "Metrics", "curves": "ROC and precision-recall curves",
             "calibration": "Calibration", "confusion": "Confusion matrices at the operating point",
@@ -19,7 +19,7 @@ SECTIONS = {"about": "What was evaluated", "metrics": "Metrics", "curves": "ROC 
 
 
 def synthetic_predictions(categorical: bool) -> tuple[pd.DataFrame, tuple[str, ...]]:
-    """predictions.csv of 8 patients x 6 slices, as ich.results.predictions_table writes it: for two sigmoid
+    """predictions.csv of 8 patients x 6 slices, as ich.core.results.predictions_table writes it: for two sigmoid
     outputs (any, subdural), or for the five subtypes (one `target` column of names)."""
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"image_id": [f"ID_{k:09x}" for k in range(48)],

@@ -8,7 +8,13 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ich"
 # What the root scripts and the `python -m ich.<command>` commands run; code below them never imports them.
 ENTRY_MODULES = ("ich.train", "ich.evaluate", "ich.predict", "ich.export", "ich.report", "ich.prepare", "ich.bench",
-                 "ich.gpu_check")
+                 "ich.gpu_check", "ich.phantom")
+# The job folders from the bottom up. A module imports from its own folder and from folders of a lower rank only;
+# folders of one rank (inference and classical) do not import each other. The modules at the top of `ich/` (the
+# entry modules and cli, what they share) may import anything below them; the package root (CONFIG_DIR,
+# __version__) sits under everything.
+RANKS = {"ich": -1, "ich.core": 0, "ich.data": 1, "ich.models": 2, "ich.evaluation": 3, "ich.training": 4,
+         "ich.inference": 5, "ich.classical": 5, "top": 6}
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
@@ -43,7 +49,7 @@ def imported_names(source: str, module: str, is_package: bool) -> set[str]:
 
 def import_graph(sources: Mapping[str, tuple[str, bool]]) -> dict[str, set[str]]:
     """Module -> the package modules it imports (names that are not modules of the package are dropped:
-    a `from ich.tasks import LABELS` is an edge to ich.tasks, `import torch` no edge at all)."""
+    a `from ich.core.tasks import LABELS` is an edge to ich.core.tasks, `import torch` no edge at all)."""
     return {
         module: {name for name in imported_names(source, module, is_package) if name in sources and name != module}
         for module, (source, is_package) in sources.items()
@@ -83,11 +89,23 @@ def entry_imports(graph: Mapping[str, set[str]]) -> list[str]:
     return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets & entries)
 
 
+def folder(module: str) -> str:
+    """ich.data.dicom -> ich.data; ich.train (a module at the top) -> top; the package itself -> ich."""
+    parts = module.split(".")
+    return "ich" if len(parts) == 1 else "top" if len(parts) == 2 and f"ich.{parts[1]}" not in RANKS else ".".join(parts[:2])
+
+
+def upward_imports(graph: Mapping[str, set[str]]) -> list[str]:
+    """`importer -> target` for every import that reaches a folder of the same or a higher rank (not its own)."""
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if folder(target) != folder(module) and RANKS[folder(target)] >= RANKS[folder(module)])
+
+
 def test_the_graph_sees_imports_inside_functions_and_relative_imports():
     sources = {
         "ich": ("", True),
         "ich.a": ("def f():\n    from ich.b import g\n", False),
-        "ich.b": ("from . import c\nfrom .c import h\nimport ich.tasks as t\n", False),
+        "ich.b": ("from . import c\nfrom .c import h\nimport ich.core.tasks as t\n", False),
         "ich.c": ("def h():\n    import ich.a\n", False),
         "ich.sub": ("from .. import b\n", True),
         "ich.sub.d": ("from ..c import h\nfrom .e import x\n", False),
@@ -113,3 +131,25 @@ def test_no_module_of_the_package_imports_an_entry_module():
     assert not offenders, (
         f"{', '.join(offenders)}: entry modules are for the root scripts; move the helper into a lower module."
     )
+
+
+def test_every_module_sits_in_a_job_folder_of_known_rank():
+    unknown = sorted(module for module in package_sources() if folder(module) not in RANKS)
+    assert not unknown, f"{', '.join(unknown)}: put the module in a folder of RANKS (tests/test_layers.py)."
+
+
+def test_imports_point_down_the_job_folders():
+    graph = import_graph(package_sources())
+    assert "ich.inference.answer" in graph, "the package was not read: ich/inference/answer.py is missing"
+    offenders = upward_imports(graph)
+    assert not offenders, (
+        f"{', '.join(offenders)}: a folder imports only from folders below it (RANKS in tests/test_layers.py); move the "
+        "shared piece down."
+    )
+
+
+def test_an_import_up_the_folders_is_named():
+    graph = {"ich.data.index": {"ich.core.tasks", "ich.training.module"}, "ich.training.module": {"ich.data.index"},
+             "ich.inference.deploy": {"ich.classical.fit"}, "ich.train": {"ich.cli", "ich"}, "ich.cli": {"ich.data.dicom"},
+             "ich.classical.fit": set(), "ich.core.tasks": set(), "ich": set(), "ich.data.dicom": set()}
+    assert upward_imports(graph) == ["ich.data.index -> ich.training.module", "ich.inference.deploy -> ich.classical.fit"]

@@ -14,7 +14,7 @@ from conftest import compose_config
 from ich import CONFIG_DIR
 from ich.models import build_head, create_backbone
 from ich.models.simple import SIMPLE_MODELS
-from ich.module import ICHLitModule
+from ich.training.module import ICHLitModule
 
 TINY = "test_resnet"
 

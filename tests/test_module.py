@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from conftest import compose_config
-from ich.metrics import RSNALogLoss, build_metrics
-from ich.module import ICHLitModule
-from ich.tasks import LABELS, SUBTYPES
+from ich.core.tasks import LABELS, SUBTYPES
+from ich.evaluation.metrics import RSNALogLoss, build_metrics
+from ich.training.module import ICHLitModule
 from test_model import TINY, no_network, tiny_weights_file  # noqa: F401 (no_network is a fixture)
 
 TASKS = ("binary", "subtype", "multilabel")

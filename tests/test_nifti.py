@@ -13,16 +13,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import FAST_RUN, compose_config
+from ich.core.privacy import pseudonym
+from ich.core.tasks import LABELS
 from ich.data.datamodule import ICHDataModule
 from ich.data.dicom import read_hu
 from ich.data.index import load_or_build_index
 from ich.data.nifti import VolumeSource
+from ich.data.phantom import SLICE_MM, generate, orientation, plan_patients, render_series
 from ich.data.sources import read_rsna_labels
 from ich.evaluate import read_study_labels
 from ich.evaluate import run as evaluate
-from ich.phantom import SLICE_MM, generate, orientation, plan_patients, render_series
-from ich.privacy import pseudonym
-from ich.tasks import LABELS
 from ich.train import run as train
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module

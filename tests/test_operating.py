@@ -1,4 +1,4 @@
-"""Operating points, calibration, patient bootstrap and exam level (ich.operating), against hand-computed values."""
+"""Operating points, calibration, patient bootstrap and exam level (ich.evaluation.operating), against hand-computed values."""
 
 import logging
 import math
@@ -7,20 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ich.exam import exam_metrics, exams_of
-from ich.operating import (
-    auroc,
-    calibration_bins,
-    choose_thresholds,
-    expected_calibration_error,
-    fit_temperature,
-    honest_metrics,
-    patient_bootstrap,
-    sensitivity_specificity,
-    threshold_for_sensitivity,
-    youden_threshold,
-)
-from ich.tasks import LABELS, get_task
+from ich.core.tasks import LABELS, get_task
+from ich.evaluation.exam import exam_metrics, exams_of
+from ich.evaluation.operating import (auroc, calibration_bins, choose_thresholds, expected_calibration_error,
+                                      fit_temperature, honest_metrics, patient_bootstrap, sensitivity_specificity,
+                                      threshold_for_sensitivity, youden_threshold)
 
 # Five positives and four negatives; by hand: at 0.6, 4 of 5 positives and 3 of 4 negatives (0.65 is above).
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1, 0.3, 0.5, 0.65])
@@ -60,7 +51,7 @@ def test_youden_picks_the_threshold_of_the_largest_sensitivity_plus_specificity(
 def test_an_output_without_validation_positives_keeps_the_fallback_threshold(caplog):
     probs = np.array([[0.9, 0.2], [0.3, 0.4], [0.7, 0.1]])
     truth = np.array([[1, 0], [0, 0], [1, 0]])
-    with caplog.at_level(logging.WARNING, logger="ich.operating"):
+    with caplog.at_level(logging.WARNING, logger="ich.evaluation.operating"):
         thresholds = choose_thresholds(probs, truth, "sensitivity", 0.95, fallback=0.5)
     assert thresholds.tolist() == pytest.approx([0.7, 0.5])
     assert "Output 1 has one class only" in caplog.text
@@ -218,16 +209,16 @@ def test_six_labels_report_any_unsuffixed_and_every_label_suffixed():
 
 
 def test_a_probability_exactly_at_its_threshold_is_called_in_plots_classical_scores_and_verdicts(monkeypatch, tmp_path):
-    import ich.plots
+    import ich.evaluation.plots
     from ich.classical.classifiers import score
-    from ich.predict import verdict
+    from ich.inference.answer import verdict
 
     threshold = 0.25  # exact in float32 and float64: the probability equals it bit for bit
     panels = []
-    monkeypatch.setattr(ich.plots, "save_confusion_matrices", lambda path, shown: panels.extend(shown))
-    monkeypatch.setattr(ich.plots, "save_roc_curves", lambda *args: None)
+    monkeypatch.setattr(ich.evaluation.plots, "save_confusion_matrices", lambda path, shown: panels.extend(shown))
+    monkeypatch.setattr(ich.evaluation.plots, "save_roc_curves", lambda *args: None)
     binary = get_task("binary")
-    ich.plots.save_figures(tmp_path, binary, threshold, torch.tensor([[0.25], [0.1]]), torch.tensor([[1], [0]]))
+    ich.evaluation.plots.save_figures(tmp_path, binary, threshold, torch.tensor([[0.25], [0.1]]), torch.tensor([[1], [0]]))
     (_, counts, _), = panels
     assert np.asarray(counts).tolist() == [[1, 0], [0, 1]]  # rows truth no/yes, columns called no/yes
 

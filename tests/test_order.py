@@ -16,13 +16,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from conftest import FAST_RUN, compose_config, make_datamodule
+from ich.core.privacy import pseudonym
 from ich.data.dicom import read_hu
 from ich.data.index import load_or_build_index
 from ich.data.order import slice_order
-from ich.phantom import generate
+from ich.data.phantom import generate
+from ich.inference.study import scan_folder
 from ich.predict import run as predict_run
-from ich.privacy import pseudonym
-from ich.study import scan_folder
 from ich.train import run as train
 
 pytestmark = pytest.mark.xdist_group("order")

@@ -9,8 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from ich.phantom import QUIRK_KINDS, generate, main
-from ich.tasks import LABELS, SUBTYPES
+from ich.core.tasks import LABELS, SUBTYPES
+from ich.data.phantom import QUIRK_KINDS, generate
+from ich.phantom import main
 
 # RSNA's `ID_...` UIDs are invalid on purpose; pydicom says so on every read.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

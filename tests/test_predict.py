@@ -1,6 +1,6 @@
 """predict.py on a hospital-style export: every file where it belongs, the right verdicts, no identifiers, a report.
 
-The export is written here with plain pydicom, independently of ich.study: phantom series and pydicom's real CT
+The export is written here with plain pydicom, independently of ich.inference.study: phantom series and pydicom's real CT
 files in nested patient/study/series folders without file extensions, with a localizer, a bone-kernel copy, a
 coronal reformat, a structured report, an RGB screenshot, a DICOMDIR, a text file and truncated files.
 """
@@ -22,11 +22,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import FAST_RUN, compose_config, open_in_chromium
+from ich.core.privacy import pseudonym
+from ich.data.phantom import generate
 from ich.export import export as export_file
-from ich.phantom import generate
-from ich.predict import run as predict_run, verdict
-from ich.privacy import pseudonym
-from ich.study import ImageFile, Series, choice_key, input_folder, scan_folder, sharp_kernel
+from ich.inference.answer import verdict
+from ich.inference.study import ImageFile, Series, choice_key, input_folder, scan_folder, sharp_kernel
+from ich.predict import run as predict_run
 from ich.train import run as train
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
@@ -392,7 +393,7 @@ def test_without_a_checkpoint_or_input_the_error_names_the_option(tmp_path):
 def test_a_checkpoint_that_does_not_say_which_modalities_it_read_is_refused_in_one_sentence(trained, export, tmp_path):
     import torch
 
-    from ich.runs import best_checkpoint
+    from ich.core.runs import best_checkpoint
 
     checkpoint = torch.load(best_checkpoint(trained), map_location="cpu", weights_only=True)
     del checkpoint["hyper_parameters"]["inputs"]["modalities"]  # as checkpoints written before it was recorded

@@ -18,8 +18,8 @@ from pydicom import config
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
 from ich.data.datamodule import phantom_root
+from ich.data.phantom import generate
 from ich.evaluate import run as evaluate
-from ich.phantom import generate
 from ich.train import run as train
 
 ROOT = CONFIG_DIR.parent
@@ -60,7 +60,7 @@ def test_nothing_a_run_writes_names_a_patient(cache_dir, tmp_path, capfd):
 
 @pytest.mark.parametrize("value", ["ID_8f3a2b", "1.2.840.113619.2.55.3"])
 def test_pseudonyms_are_stable_and_do_not_contain_the_value(value):
-    from ich.privacy import pseudonym
+    from ich.core.privacy import pseudonym
 
     assert pseudonym(value) == pseudonym(value) != pseudonym(value + "x")
     assert value not in pseudonym(value)
@@ -132,7 +132,7 @@ def test_the_default_pseudonym_cannot_be_recomputed_from_the_code_or_the_outputs
 
     salt_file = Path(env["XDG_CONFIG_HOME"]) / "ich" / "id_salt"
     assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
-    command = f"from ich.privacy import pseudonym; print(pseudonym('{PATIENT_ID}'))"
+    command = f"from ich.core.privacy import pseudonym; print(pseudonym('{PATIENT_ID}'))"
     again = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=60, check=True)
     assert again.stdout.strip() == patient  # another process of the same installation agrees
@@ -141,7 +141,7 @@ def test_the_default_pseudonym_cannot_be_recomputed_from_the_code_or_the_outputs
 def test_processes_starting_together_agree_on_one_new_salt(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "ICH_ID_SALT"}
     env["XDG_CONFIG_HOME"] = str(tmp_path)
-    command = [sys.executable, "-c", "from ich.privacy import pseudonym; print(pseudonym('40817263'))"]
+    command = [sys.executable, "-c", "from ich.core.privacy import pseudonym; print(pseudonym('40817263'))"]
     started = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     answers = {process.communicate(timeout=60)[0].strip() for process in started}
     salt_file = tmp_path / "ich" / "id_salt"

@@ -62,7 +62,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(cache_dir
 
 
 def test_resume_without_a_checkpoint_is_one_sentence(tmp_path):
-    from ich.runs import resume_checkpoint
+    from ich.core.runs import resume_checkpoint
 
     with pytest.raises(FileNotFoundError, match="ckpt_path=last found no checkpoints/last.ckpt"):
         resume_checkpoint("last", tmp_path)

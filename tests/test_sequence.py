@@ -14,17 +14,11 @@ import torch
 
 from conftest import FAST_RUN, compose_config, make_datamodule
 from ich.evaluate import run as evaluate
-from ich.module import ICHLitModule
-from ich.operating import auroc
-from ich.sequence import (
-    SequenceLitModule,
-    SequenceNet,
-    SeriesDataset,
-    collate_series,
-    predict_series,
-    series_order,
-)
+from ich.evaluation.operating import auroc
 from ich.train import run as train
+from ich.training.module import ICHLitModule
+from ich.training.sequence import (SequenceLitModule, SequenceNet, SeriesDataset, collate_series, predict_series,
+                                   series_order)
 
 # --- the network on pure tensors ------------------------------------------------------------------------
 
@@ -154,8 +148,8 @@ def save_encoder(dm, path, seed: int):
 
 
 def test_embeddings_are_extracted_once_per_encoder_and_rebuilt_when_it_changes(cache_dir, tmp_path, monkeypatch):
-    from ich.results import file_digest
-    from ich.embeddings import load_or_extract
+    from ich.core.results import file_digest
+    from ich.training.embeddings import load_or_extract
 
     dm = make_datamodule(cache_dir, tmp_path)
     data = {"source": "phantom", "phantom": {"seed": 0}, "image_size": 64}
@@ -250,7 +244,7 @@ def test_stage_two_trains_on_stage_one_and_evaluates_with_the_same_metric_names(
 @pytest.fixture()
 def png_folder(tmp_path):
     """The phantom as PNGs; labels.csv rows shuffled, so only its series/slice columns give the order."""
-    from ich.phantom import generate_images
+    from ich.data.phantom import generate_images
 
     folder = tmp_path / "pngs"
     generate_images(folder, patients=10, slices=5, size=64, seed=2)

@@ -2,7 +2,7 @@
 both of its ranges, one failing study does not stop the others, and evaluate.py reads a study as predict.py does.
 
 The studies are written here with plain pydicom from the phantom's HU slices, so the expected choices below are
-stated by hand from what each series is, not derived from ich.study.
+stated by hand from what each series is, not derived from ich.inference.study.
 """
 
 import logging
@@ -14,13 +14,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-import ich.predict
+import ich.inference.answer
 from conftest import FAST_RUN, compose_config
+from ich.core.privacy import pseudonym
+from ich.data.phantom import plan_patients, render_series
 from ich.evaluate import run as evaluate
-from ich.phantom import plan_patients, render_series
+from ich.inference.study import ImageFile, Series, choice_key, contrast_series, read_on, repeated_positions, scan_folder
 from ich.predict import run as predict_run
-from ich.privacy import pseudonym
-from ich.study import ImageFile, Series, choice_key, contrast_series, read_on, repeated_positions, scan_folder
 from ich.train import run as train
 
 # Its module fixtures train a model and predict once; under pytest-xdist (`--dist loadgroup`) the module stays on
@@ -236,7 +236,7 @@ def prediction(trained, studies, tmp_path_factory):
     root, written = studies
     output_dir = tmp_path_factory.mktemp("predict")
     broken = written["plain"].root
-    read = ich.predict.read_hu
+    read = ich.inference.answer.read_hu
 
     def crashing(path):
         if broken in Path(path).parents:
@@ -247,7 +247,7 @@ def prediction(trained, studies, tmp_path_factory):
     logging.getLogger("ich.predict").addHandler(handler)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ich.predict, "read_hu", crashing)
+            patch.setattr(ich.inference.answer, "read_hu", crashing)
             cfg = compose_config("predict", [f"ckpt_path={trained}", f"input={root}", f"output_dir={output_dir}",
                                              "min_slices=4"])
             predict_run(cfg)

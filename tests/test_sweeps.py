@@ -14,8 +14,8 @@ import torch
 
 from conftest import FAST_RUN
 from ich import CONFIG_DIR
-from ich.callbacks import FiniteLossCheck
 from ich.report import summarize
+from ich.training.callbacks import FiniteLossCheck
 from test_wandb import of_type, wandb_records
 
 ROOT = CONFIG_DIR.parent

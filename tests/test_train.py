@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from conftest import FAST_RUN, compose_config
 from ich import CONFIG_DIR
-from ich.module import ICHLitModule
 from ich.train import build_trainer, run
+from ich.training.module import ICHLitModule
 
 ROOT = CONFIG_DIR.parent
 COMMON_METRICS = ("acc", "sensitivity", "specificity", "precision", "f1", "auroc")

@@ -11,8 +11,8 @@ from wandb.proto import wandb_internal_pb2
 
 from conftest import FAST_RUN, compose_config
 from ich.data.datamodule import phantom_root
-from ich.callbacks import WANDB_RUN_ID_KEY
 from ich.train import run
+from ich.training.callbacks import WANDB_RUN_ID_KEY
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
 # stays on one worker so that they are not built again on another.

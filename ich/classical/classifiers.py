@@ -24,8 +24,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ich.classical.features import Split
-from ich.operating import called
-from ich.tasks import Task
+from ich.core.tasks import Task
+from ich.evaluation.operating import called
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _sigmoid(margin: np.ndarray) -> np.ndarray:
 
 
 def score(task: Task, scoring: str, threshold: float, probs: np.ndarray, y: np.ndarray) -> float:
-    """Macro one-vs-rest AUROC over the outputs that have both classes (as ich.metrics), or accuracy."""
+    """Macro one-vs-rest AUROC over the outputs that have both classes (as ich.evaluation.metrics), or accuracy."""
     if scoring == "acc":
         if task.metric_task == "multiclass":
             return float(np.mean(probs.argmax(axis=1) == y))

@@ -22,12 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
+from ich.core.results import file_digest, print_metrics, write_json
+from ich.core.runs import IDENTITY, INPUT_KEYS, describe_data
+from ich.core.tasks import get_task
 from ich.data.datamodule import ICHDataModule
 from ich.data.splits import STAGES
 from ich.data.windows import to_unit_float
-from ich.results import file_digest, print_metrics, write_json
-from ich.runs import IDENTITY, INPUT_KEYS, describe_data
-from ich.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def build_extractor(
     normalised as training normalises them (ICHLitModule.features)."""
     if cfg.get("features", "backbone") == "pixels":
         return pixels
-    from ich.module import ICHLitModule
+    from ich.training.module import ICHLitModule
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["compile"] = False

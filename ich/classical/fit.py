@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from ich.classical.classifiers import Fitted, fit_search, probabilities
 from ich.classical.features import Split, load_or_extract
 from ich.classical.saving import save_classifier
-from ich.metrics import metrics_at_once
-from ich.plots import save_figures
-from ich.results import predictions_table, print_metrics, write_json
-from ich.tasks import Task, get_task
+from ich.core.results import predictions_table, print_metrics, write_json
+from ich.core.tasks import Task, get_task
+from ich.evaluation.metrics import metrics_at_once
+from ich.evaluation.plots import save_figures
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import skops.io as sio
 from sklearn.base import BaseEstimator
 
-from ich.results import write_json
+from ich.core.results import write_json
 
 # Packages whose types a classifier file may contain; skops refuses any other type unless trusted here.
 TRUSTED_PACKAGES = ("sklearn", "numpy", "scipy")

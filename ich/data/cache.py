@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ich.core.results import write_atomic
 from ich.data.dicom import AIR_HU, READER_VERSION, DicomReadError, read_hu_square
-from ich.results import write_atomic
 
 log = logging.getLogger(__name__)
 

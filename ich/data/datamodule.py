@@ -22,26 +22,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from ich.core.privacy import pseudonym
+from ich.core.tasks import SUBTYPES, Task, get_task
 from ich.data.augment import build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
-from ich.data.dataset import (
-    CacheLoader,
-    DicomLoader,
-    EpochShuffle,
-    ImageLoader,
-    MemoryLoader,
-    SliceDataset,
-    as_bytes,
-    collate_skipping,
-    init_worker,
-)
+from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, ImageLoader, MemoryLoader, SliceDataset, as_bytes,
+                              collate_skipping, init_worker)
 from ich.data.index import IndexSummary, add_slice_order, load_or_build_index
 from ich.data.nifti import VolumeSource
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
 from ich.data.windows import parse_windows
-from ich.privacy import pseudonym
-from ich.tasks import SUBTYPES, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +47,7 @@ def phantom_root(cache_dir: Path, settings: dict) -> Path:
 
 def ensure_phantom(cache_dir: Path, settings: dict) -> Path:
     """Write the phantom on first use; a half-written one is never mistaken for a finished one."""
-    from ich.phantom import generate
+    from ich.data.phantom import generate
 
     root = phantom_root(cache_dir, settings)
     if (root / "stage_2_train.csv").is_file():
@@ -210,7 +201,7 @@ class ICHDataModule(pl.LightningDataModule):
     @property
     def inputs(self) -> dict:
         """How a slice becomes the model's input, and which Modality values were read as CT slices: saved in
-        checkpoints (ich.module), so that evaluation and prediction shape and admit new data exactly as training
+        checkpoints (ich.training.module), so that evaluation and prediction shape and admit new data exactly as training
         did, and refuse data options that contradict it."""
         return {
             "source": "images" if self.source == "images" else "dicom",
@@ -219,7 +210,7 @@ class ICHDataModule(pl.LightningDataModule):
             "image_size": self.image_size,
             "channels": self.num_channels,
             "modalities": list(self.modalities),
-            # slices with less brain than this are no test slices, so they count in no exam (ich.exam)
+            # slices with less brain than this are no test slices, so they count in no exam (ich.evaluation.exam)
             "min_brain_fraction": 0.0 if self.source == "images" else self.min_brain_fraction,
         }
 
@@ -366,7 +357,7 @@ class ICHDataModule(pl.LightningDataModule):
 
     def every_slice(self) -> SliceDataset:
         """Every slice of the index in index order, as the test stage reads them (no augmentation), whichever
-        slices the task and the filters keep: what a second stage embeds (ich.embeddings). After setup."""
+        slices the task and the filters keep: what a second stage embeds (ich.training.embeddings). After setup."""
         index = self._full_index()
         loader = self.datasets["test"].loader  # every stage reads through the same loader
         return SliceDataset(neighbour_rows(index, self.context), task_targets(index, self.task),

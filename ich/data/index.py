@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ich.core.privacy import pseudonym
+from ich.core.results import write_atomic
+from ich.core.tasks import LABELS
 from ich.data.dicom import CT_ONLY, DicomReadError, admitted_modalities, read_slice
 from ich.data.order import ORDER_SOURCES, slice_order
 from ich.data.sources import check_unique_ids, image_ids
-from ich.privacy import pseudonym
-from ich.results import write_atomic
-from ich.tasks import LABELS
 
 log = logging.getLogger(__name__)
 

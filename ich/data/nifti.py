@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ich.core.privacy import pseudonym
+from ich.core.tasks import LABELS, SUBTYPES
 from ich.data.dicom import AIR_HU, MAX_HU, UNPACKED_SUFFIX, error_line
 from ich.data.index import IndexSummary, add_slice_order, brain_fraction, cached_index, index_dir
 from ich.data.sources import check_unique_ids
-from ich.privacy import pseudonym
-from ich.tasks import LABELS, SUBTYPES
 
 log = logging.getLogger(__name__)
 

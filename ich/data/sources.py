@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from ich.tasks import LABELS
+from ich.core.tasks import LABELS
 
 log = logging.getLogger(__name__)
 

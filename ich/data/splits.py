@@ -17,7 +17,7 @@ def split_by_patient(index: pd.DataFrame, fractions: tuple[float, float, float],
         raise ValueError(f"data.split={list(fractions)} must be three non-negative fractions (train, val, test) summing to 1.")
     positive = index.groupby("patient")["any"].max() if "any" in index else index.groupby("patient").size() * 0
     # Patients are shuffled from the order of their first image id, not of their pseudonyms: a pseudonym changes
-    # with the installation's secret salt (ich.privacy), and the same seed must give the same split everywhere.
+    # with the installation's secret salt (ich.core.privacy), and the same seed must give the same split everywhere.
     first_image = index.groupby("patient")["image_id"].min()
     rng = np.random.default_rng(seed)
     stage_of: dict[str, str] = {}

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ich.tasks import Task
+from ich.core.tasks import Task
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

@@ -22,11 +22,11 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve, binary_roc
 
-from ich.operating import HEADLINE_LABEL, auroc, called, sensitivity_specificity
-from ich.plots import confusion_counts, draw_confusion, draw_reliability
-from ich.results import write_atomic
+from ich.core.results import write_atomic
+from ich.evaluation.operating import HEADLINE_LABEL, auroc, called, sensitivity_specificity
+from ich.evaluation.plots import confusion_counts, draw_confusion, draw_reliability
 
-DPI = 110  # as the PNG files of ich.plots
+DPI = 110  # as the PNG files of ich.evaluation.plots
 MISSING = "\u2013"  # a metric metrics.json does not hold
 Tile = tuple[np.ndarray, str]  # a windowed slice (HxW or HxWx3 uint8) and its caption
 FOOTER = "Written by ich: one self-contained page (no scripts, fonts or links); patients are counted, not listed."
@@ -132,7 +132,7 @@ def write_report(
         about: what was evaluated, shown first as given (checkpoint, model, data, what was skipped); the
             counts of slices, patients, exams and positives are added from `predictions` and `metrics`.
         metrics: the flat metrics.json values (`test/...`, `data/...`); a value it lacks shows as a dash.
-        predictions: predictions.csv as ich.results.predictions_table writes it.
+        predictions: predictions.csv as ich.core.results.predictions_table writes it.
         outputs: the task's outputs, in order.
         thresholds: the operating threshold per output (the model's, chosen on the validation patients); with
             None the figures mark `fixed_threshold` and say that no operating point was given.

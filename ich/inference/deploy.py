@@ -16,10 +16,10 @@ import onnxruntime
 import torch
 from torch import nn
 
+from ich.core.runs import checkpoint_file
 from ich.data.windows import parse_windows
-from ich.module import ICHLitModule
-from ich.runs import checkpoint_file
-from ich.sequence import is_stage_two
+from ich.training.module import ICHLitModule
+from ich.training.sequence import is_stage_two
 
 # Exported files by suffix; each has `<file>.json` beside it (ich.export.description writes it).
 EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
@@ -75,7 +75,7 @@ class Deployed:
         temperature: the logits' divisor before the sigmoid/softmax (1 unless calibrated).
         inputs: the checkpoint's inputs: source, windows ([center, width] pairs), context, image_size, channels,
             modalities (read as CT).
-        task: binary, subtype or multilabel (ich.tasks).
+        task: binary, subtype or multilabel (ich.core.tasks).
         source: the file the model was read from.
         run: int16 HU [B, 2k+1, S, S] -> probabilities, unchecked (call the Deployed itself instead).
         module: the torch HUModel when read from a checkpoint (heat maps need its layers); None for exported files.

@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from torch import nn
 
 from ich.data.windows import WINDOWS, Window
-from ich.deploy import HUModel
+from ich.inference.deploy import HUModel
 
 BRAIN = Window(*WINDOWS["brain"])  # what the plain slice is shown in: the window head CT is read in
 OVERLAY_ALPHA = 0.45  # the map's share of a fully "hot" pixel; cold pixels show the slice alone

@@ -18,14 +18,9 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
 
-from ich.operating import (  # noqa: E402
-    called,
-    calibration_bins,
-    expected_calibration_error,
-    one_vs_rest,
-    probabilities,
-)
-from ich.tasks import Task  # noqa: E402
+from ich.core.tasks import Task  # noqa: E402
+from ich.evaluation.operating import (called, calibration_bins, expected_calibration_error, one_vs_rest,  # noqa: E402
+                                      probabilities)
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

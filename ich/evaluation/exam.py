@@ -1,7 +1,7 @@
 """What an exam is and how its score is made: the one definition the test stage, evaluate.py, stage 2 and
 predict.py share.
 
-An exam is a study, read on the series that ich.study chooses for it in predict.py (several when a split protocol
+An exam is a study, read on the series that ich.inference.study chooses for it in predict.py (several when a split protocol
 needs them to cover the head), and on its labelled series in the test stage and evaluate.py. A series' exam
 probability per output is its highest probability over the slices training would have tested (those with at
 least data.min_brain_fraction of brain) for a slice model, or the sequence model's exam output for stage 2; the
@@ -20,9 +20,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ich.operating import auroc, called, headline_output, patient_bootstrap, sensitivity_specificity, slice_groups
-from ich.privacy import pseudonym
-from ich.tasks import Task
+from ich.core.privacy import pseudonym
+from ich.core.tasks import Task
+from ich.evaluation.operating import (auroc, called, headline_output, patient_bootstrap, sensitivity_specificity,
+                                      slice_groups)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def combine_series(series_exams: list[np.ndarray]) -> np.ndarray:
 class Exams:
     """The exams of a set of patients, one row each in sorted order of the study keys."""
 
-    study: np.ndarray  # [E] study keys: pseudonyms of the StudyInstanceUID (ich.data.index, ich.study)
+    study: np.ndarray  # [E] study keys: pseudonyms of the StudyInstanceUID (ich.data.index, ich.inference.study)
     patient: np.ndarray  # [E] the patient of each study
     probs: np.ndarray  # [E, K] exam probability per output
     truth: np.ndarray  # [E, K] 0/1: positive when any of the exam's slices is
@@ -97,7 +98,7 @@ def exam_metrics(exams: Exams, output: int, threshold: float, resamples: int = 1
 def stage_exams(model: pl.LightningModule, trainer: pl.Trainer, loader: DataLoader, table: pd.DataFrame,
                 ids: list[str], logits: torch.Tensor, targets: torch.Tensor) -> Exams | None:
     """The exams of a stage (test or validation) from its slice predictions `ids`, `logits` [N, K], `targets`,
-    scored as `model`, an ich.module.SliceClassifier, scores them (its exam_rows: its slices, or its series; taken
+    scored as `model`, an ich.training.module.SliceClassifier, scores them (its exam_rows: its slices, or its series; taken
     by that method, not imported, so that exams sit below the LightningModules); `table` is the stage's
     slice table. None for a source without studies (PNG/JPG slices) or a model without exams (stage-2 subtype)."""
     rows = model.exam_rows(trainer, loader, ids, logits, targets)
@@ -110,7 +111,7 @@ def stage_exams(model: pl.LightningModule, trainer: pl.Trainer, loader: DataLoad
 
 def report_exams(task: Task, exams: Exams | None, thresholds: np.ndarray, output_dir: Path, resamples: int,
                  seed: int) -> dict[str, float]:
-    """exams.csv in `output_dir`, and the exam metrics of the headline output (ich.operating.headline_output)."""
+    """exams.csv in `output_dir`, and the exam metrics of the headline output (ich.evaluation.operating.headline_output)."""
     if exams is None:
         log.info("No exams: this data has no studies (PNG/JPG slices without a series column) or the model no exam "
                  "output (stage-2 subtype)")

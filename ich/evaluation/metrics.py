@@ -11,7 +11,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
+from ich.core.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 
 # Thresholded metrics: logged name -> (torchmetrics class, average over outputs); `auroc` is OneVsRestAUROC.
 # `acc` is micro: the fraction of correct slices for subtype and, since every label sees every slice,

@@ -33,10 +33,9 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from tqdm.auto import tqdm
 
-from ich.data.dicom import (CT_ONLY, DicomReadError, admitted_modalities, first_float, read_hu, slice_position,
-                            tag_value)
+from ich.core.privacy import pseudonym
+from ich.data.dicom import CT_ONLY, DicomReadError, admitted_modalities, first_float, read_hu, slice_position, tag_value
 from ich.data.order import slice_order
-from ich.privacy import pseudonym
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 TOO_FEW_SLICES = "its series has fewer usable slices than min_slices"

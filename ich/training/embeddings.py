@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ich.core.results import write_atomic
+from ich.core.runs import IDENTITY, INPUT_KEYS, describe_data
 from ich.data.datamodule import ICHDataModule
-from ich.module import ICHLitModule
-from ich.results import write_atomic
-from ich.runs import IDENTITY, INPUT_KEYS, describe_data
+from ich.training.module import ICHLitModule
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 Every strong RSNA 2019 solution got its largest gain here: a bleed spans neighbouring slices, and a lone
 bright slice is often an artefact. The stage-1 checkpoint (`model.encoder`) gives every slice of its data its
-pooled features and logits once (ich.embeddings, cached); this module reads them per series, always sorted by
+pooled features and logits once (ich.training.embeddings, cached); this module reads them per series, always sorted by
 the slice's place along the head, and predicts each slice's labels as a correction of the stage-1 logits, plus
 one exam score per series. Task, inputs, data and split are the encoder's, so both stages test the same
-patients and report the same metric names (ich.metrics), slice level and exam level.
+patients and report the same metric names (ich.evaluation.metrics), slice level and exam level.
 
     python train.py model=sequence model.encoder=outputs/<date>/<time>
     python evaluate.py ckpt_path=<that stage-2 run>
@@ -30,23 +30,23 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from ich import CONFIG_DIR
+from ich.core.results import file_digest
+from ich.core.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
+from ich.core.tasks import Task, get_task
 from ich.data.datamodule import ICHDataModule, check_slice_order, task_targets
 from ich.data.dataset import as_bytes
 from ich.data.splits import STAGES
-from ich.embeddings import Embeddings, embed, load_or_extract
-from ich.exam import exams_of
-from ich.metrics import OneVsRestAUROC
-from ich.module import ICHLitModule, SliceClassifier, build_loss, portable_hparams
-from ich.operating import HEADLINE_LABEL, choose_thresholds, fit_temperature, probabilities, slice_groups
-from ich.results import file_digest
-from ich.runs import checkpoint_file, data_config, saved_inputs, training_run_dir
-from ich.tasks import Task, get_task
+from ich.evaluation.exam import exams_of
+from ich.evaluation.metrics import OneVsRestAUROC
+from ich.evaluation.operating import HEADLINE_LABEL, choose_thresholds, fit_temperature, probabilities, slice_groups
+from ich.training.embeddings import Embeddings, embed, load_or_extract
+from ich.training.module import ICHLitModule, SliceClassifier, build_loss, portable_hparams
 
 log = logging.getLogger(__name__)
 
 KINDS = ("gru", "conv1d", "transformer")
 # The key of the exam output's AUROC per series on the headline output, logged every epoch (`val/exam_score_auroc`);
-# `exam_auroc` is the AUROC of the exams (ich.exam), studies scored by their series' exam output.
+# `exam_auroc` is the AUROC of the exams (ich.evaluation.exam), studies scored by their series' exam output.
 EXAM_SCORE_KEY = "exam_score_auroc"
 
 
@@ -180,7 +180,7 @@ def collate_series(items: list[dict]) -> dict:
     batch["valid"] = torch.arange(longest)[None, :] < lengths[:, None]
     batch["exam_target"] = torch.stack([item["exam_target"] for item in items])
     batch["image_id"] = [i for item in items for i, scored in zip(item["image_id"], item["labelled"]) if scored]
-    # one scored slice per series: what its study and patient are looked up by (ich.exam.stage_exams)
+    # one scored slice per series: what its study and patient are looked up by (ich.evaluation.exam.stage_exams)
     batch["exam_image_id"] = [next(i for i, scored in zip(item["image_id"], item["labelled"]) if scored)
                               for item in items]
     return batch
@@ -266,7 +266,7 @@ class SequenceLitModule(SliceClassifier):
         threshold, operating_point, target_sensitivity, calibrate, rsna_weights: as ICHLitModule's.
         optimizer, scheduler: Hydra `_target_` dicts (conf/optimizer, conf/scheduler).
         encoder: {path, sha256, backbone, hparams} of the stage-1 checkpoint: its content hash keys the cached
-            embeddings, and its arguments (ich.module.portable_hparams) rebuild it here as `slice_encoder`, whose
+            embeddings, and its arguments (ich.training.module.portable_hparams) rebuild it here as `slice_encoder`, whose
             weights travel in this checkpoint's state dict. flip: how its embeddings were made. inputs, data: the
             encoder's inputs and the data stage 2 was trained on, so evaluate.py shapes and splits data as both
             stages did.

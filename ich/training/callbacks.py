@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from torchmetrics.utilities import dim_zero_cat  # noqa: E402
 
 from ich.data.windows import to_unit_float  # noqa: E402
-from ich.plots import save_figures  # noqa: E402
+from ich.evaluation.plots import save_figures  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class WandbFigures(pl.Callback):
     of the first validation slices with their labels and predicted probabilities (slice models only: stage 2
     sees embeddings, so its runs get the matrices and curves alone).
 
-    The figures are drawn by ich.plots (the same as evaluate.py writes) into <run>/figures/<stage>/ and
+    The figures are drawn by ich.evaluation.plots (the same as evaluate.py writes) into <run>/figures/<stage>/ and
     logged from there. Slices carry no identifier, not even the image id: a hospital's file names may be UIDs.
     """
 

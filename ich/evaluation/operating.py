@@ -1,4 +1,4 @@
-"""Honest numbers: operating points, calibration and patient-level intervals (exams: ich.exam).
+"""Honest numbers: operating points, calibration and patient-level intervals (exams: ich.evaluation.exam).
 
 A threshold of 0.5 is no operating point (class weights or undersampling move it anywhere), so one
 threshold per output is chosen on the validation patients; test slices are then read at that threshold.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from ich.tasks import Task
+from ich.core.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def honest_metrics(
     bootstrap intervals (`_ci_low`, `_ci_high`), and `ece` (`ece_uncalibrated` too when the temperature is not 1);
     `auroc_ci_low`/`auroc_ci_high` around `test/auroc` (the macro mean over outputs). Keys of one output end in
     `_<label>` when the task has several; the unsuffixed keys are the binary output's or `any`'s (the exam level is
-    ich.exam.exam_metrics'). `data/patients_test` counts the patients the intervals stand on.
+    ich.evaluation.exam.exam_metrics'). `data/patients_test` counts the patients the intervals stand on.
 
     Args:
         logits: [N, K] test logits; targets: as the task's loss takes them.

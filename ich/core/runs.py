@@ -19,7 +19,7 @@ PATH_KEYS = ("root", "image_dir", "labels", "masks")
 
 
 def describe_data(data: dict, keys: tuple[str, ...]) -> dict:
-    """`keys` of a data config with its paths made absolute: the part of a cache key (ich.embeddings,
+    """`keys` of a data config with its paths made absolute: the part of a cache key (ich.training.embeddings,
     ich.classical.features) that says which slices and how they look, unchanged by the folder a run starts in."""
     described = {key: data.get(key) for key in keys}
     for key in PATH_KEYS:

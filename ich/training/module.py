@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MaxMetric
 
+from ich.core.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 from ich.data.windows import to_unit_float
-from ich.metrics import build_metrics
+from ich.evaluation.metrics import build_metrics
+from ich.evaluation.operating import OPERATING_POINTS, choose_thresholds, fit_temperature, one_vs_rest, probabilities
 from ich.models import build_head, create_backbone
-from ich.operating import OPERATING_POINTS, choose_thresholds, fit_temperature, one_vs_rest, probabilities
-from ich.tasks import LABELS, RSNA_LABEL_WEIGHTS, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class SliceClassifier(pl.LightningModule):
 
     def exam_rows(self, trainer: pl.Trainer, loader: DataLoader, ids: list[str], logits: torch.Tensor,
                   targets: torch.Tensor) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-        """What an exam's probability is the highest of (ich.exam), from a stage's slice predictions: for a slice
+        """What an exam's probability is the highest of (ich.evaluation.exam), from a stage's slice predictions: for a slice
         model its slices, as ids, probabilities [N, K] and 0/1 truth [N, K]. None where there is no exam level."""
         return ids, self.probabilities(logits).numpy(), one_vs_rest(self.task, targets.numpy())
 
@@ -151,10 +151,10 @@ class SliceClassifier(pl.LightningModule):
 
 
 class ICHLitModule(SliceClassifier):
-    """Classify CT slices for `task` (binary, subtype or multilabel; see ich.tasks) with any timm backbone.
+    """Classify CT slices for `task` (binary, subtype or multilabel; see ich.core.tasks) with any timm backbone.
 
     Args:
-        task: a name in ich.tasks.TASKS; sets the outputs, the loss and the metrics.
+        task: a name in ich.core.tasks.TASKS; sets the outputs, the loss and the metrics.
         label: the label a binary task predicts (`any` when None).
         backbone: a timm model name; in_chans: number of image channels.
         pretrained: ImageNet weights from the hub (or its local cache); weights: a local weights file instead.
@@ -173,7 +173,7 @@ class ICHLitModule(SliceClassifier):
             from scratch) | pretrained (that mean/std always) | none. The values are buffers, so they
             travel in the checkpoint with the weights.
         precision: the trainer's precision its test stage predicted at (`bf16-mixed`, `32-true`, ...), which
-            prediction (ich.deploy) takes too, so that a study gets the test stage's probabilities.
+            prediction (ich.inference.deploy) takes too, so that a study gets the test stage's probabilities.
         inputs: how the data module shapes a slice (ICHDataModule.inputs: windows, context, image size,
             channels); data: the training run's data config. Both only travel in the checkpoint, so
             evaluation and prediction need nothing but the .ckpt file.

@@ -1,0 +1,1 @@
+"""What every job stands on: the tasks table, run folders, result files, pseudonyms and hardware settings."""
