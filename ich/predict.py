@@ -174,9 +174,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     "AccessionNumber and file paths; keep them inside the hospital.")
     outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
     with input_folder(cfg.input) as folder:
-        if not {"modalities", "min_brain_fraction"} <= set(model.inputs):
-            raise ValueError(f"{model.source} does not say which DICOM modalities and slices its training read (it "
-                             "predates ich 2026-12): train it again with this version of ich.")
+        require_study_inputs(model)
         scan = scan_folder(folder, int(cfg.min_slices), model.inputs["modalities"])
         if not scan.files:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")
@@ -190,6 +188,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                 outputs.add_failed(study, reason, folder)
         outputs.finish(scan, str(cfg.input) if keep_ids else None)
     return outputs.studies_table()
+
+
+def require_study_inputs(model: Predictor) -> None:
+    """Studies are read as the model's training read its data: which modalities, and which slices count."""
+    if not {"modalities", "min_brain_fraction"} <= set(model.inputs):
+        raise ValueError(f"{model.source} does not say which DICOM modalities and slices its training read (it "
+                         "predates ich 2026-12): train it again with this version of ich.")
 
 
 def failure_reason(err: Exception) -> str:
