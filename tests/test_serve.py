@@ -6,6 +6,7 @@ What the answers must say comes from outside the node: predict.py's studies.csv 
 standard's status codes and SOP classes, and the UIDs this test sent.
 """
 
+import logging
 import os
 import shutil
 import signal
@@ -241,6 +242,7 @@ def test_a_full_spool_refuses_files_with_out_of_resources(checkpoint, studies, t
 @pytest.mark.slow
 def test_a_study_comes_back_as_sr_and_secondary_captures_in_the_same_study(checkpoint, studies, tmp_path, caplog,
                                                                            capsys):
+    caplog.set_level(logging.INFO)
     study = studies[0]
     reference = predicted(checkpoint, save_folder(study, tmp_path / "input"), tmp_path / "predict").iloc[0]
     with running_node(checkpoint, tmp_path) as (_, port, dest_port), destination(dest_port) as received:
@@ -303,6 +305,7 @@ def test_two_interleaved_studies_are_answered_each_on_its_own_files(checkpoint, 
 
 @pytest.mark.slow
 def test_the_same_study_sent_twice_is_answered_once(checkpoint, studies, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     study = studies[2]
     with running_node(checkpoint, tmp_path) as (_, port, dest_port), destination(dest_port) as received:
         send(port, study)

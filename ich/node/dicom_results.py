@@ -34,6 +34,10 @@ SR_SERIES_NUMBER = 9900  # + the answer's number: the node's series sort after t
 SC_SERIES_NUMBER = 9950
 SC_MIN_WIDTH = 512  # the slice and its map are enlarged to at least this width, so the burned-in label reads
 UUID_ROOT = "2.25"  # UIDs made of a UUID (ISO/IEC 9834-8), valid without a registered root
+# The patient and study attributes of PS3.3 that are Type 2 (present, maybe empty) and that highdicom copies from
+# the input into the results
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def code(value: str, meaning: str) -> Code:
@@ -168,6 +172,10 @@ def answer_datasets(result: StudyResult, model: Predictor, outputs: Outputs, til
     with config.disable_value_validation():  # input headers are taken as they come (ich.data.dicom reads them so)
         evidence = [pydicom.dcmread(image.path, stop_before_pixels=True)
                     for read in result.read for image in read.series.slices]
+    for ds in evidence:  # Type 2 (required, may be empty) attributes some scanners leave out; highdicom copies them
+        for keyword in TYPE_2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     replaces = str(previous.SeriesInstanceUID) if previous is not None else None
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence, content=sr_content(result, model, outputs, about, replaces),

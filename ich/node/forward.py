@@ -92,7 +92,7 @@ class Forwarder:
         destination.next_try = time.monotonic() + destination.wait_s
         destination.down = True
         what = f"took {sent} of {len(files)} result file(s)" if established else "could not be reached"
-        log.warning("Destination %s %s; the rest wait in the outbox, tried again in %.0f s.", destination.folder, what,
+        log.warning("Destination %s %s; the rest wait in the outbox, tried again in %.3g s.", destination.folder, what,
                     destination.wait_s)
 
     def queued(self) -> None:

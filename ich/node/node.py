@@ -27,6 +27,9 @@ from ich.study import Scan, group_studies, read_image_header
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.2  # how often the worker looks for a study whose quiet period is over
+# Libraries that log UIDs at INFO or DEBUG (highdicom: the instance it copies the patient from; pynetdicom: each
+# request): warnings only, whoever configured logging
+QUIET_LOGGERS = ("highdicom", "pynetdicom")
 
 
 class Arrivals:
@@ -65,6 +68,8 @@ class Node:
             raise ValueError("python -m ich.serve needs ckpt_path=PATH: a run folder of train.py, a .ckpt or an "
                              "exported model, e.g. python -m ich.serve ckpt_path=outputs/<date>/<time>")
         serve = cfg.serve
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         self.host, self.port, self.quiet_s = str(serve.host), int(serve.port), float(serve.quiet_s)
         self.min_slices, self.heatmaps, self.uid_root = int(serve.min_slices), int(serve.heatmaps), str(serve.uid_root)
         allowed = [str(title) for title in serve.allowed_callers]
@@ -151,10 +156,10 @@ class Node:
         for study in studies:  # one: the spool keeps a folder per study
             try:
                 result = predict_study(study, self.model, self.min_slices)
-                outputs.add(result, folder)
                 if result.read:
                     datasets = answer_datasets(result, self.model, outputs, outputs.draw_heatmaps(result), self.about,
                                                self.uid_root, number, self.previous_sr(key, answers))
+                outputs.add(result, folder)
             except Exception as err:  # the study's boundary, as in predict.py: listed as failed, the node goes on
                 record["failed"] = failure_reason(err)
                 log.error("Study %s failed and is listed as failed: %s", key, record["failed"])
