@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ich"
 # What the root scripts and the `python -m ich.<command>` commands run; code below them never imports them.
 ENTRY_MODULES = ("ich.train", "ich.evaluate", "ich.predict", "ich.export", "ich.report", "ich.prepare", "ich.bench",
-                 "ich.gpu_check")
+                 "ich.gpu_check", "ich.serve")
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
