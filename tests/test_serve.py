@@ -30,6 +30,7 @@ from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, Verificatio
 
 from conftest import FAST_RUN, compose_config
 from ich.node.node import Node
+from ich.node.spool import Spool
 from ich.phantom import generate
 from ich.predict import run as predict_run
 from ich.privacy import pseudonym
@@ -211,6 +212,16 @@ def test_c_echo_is_answered_and_an_unknown_calling_ae_title_is_rejected(checkpoi
     assert "INTRUDER" in caplog.text and "serve.allowed_callers" in caplog.text
 
 
+def test_associations_beyond_the_limit_are_refused_and_the_pdu_is_the_one_configured(checkpoint, tmp_path, caplog):
+    with running_node(checkpoint, tmp_path, "serve.max_associations=1", "serve.max_pdu=32768") as (_, port, _):
+        first = associate(port)
+        assert first.is_established and first.acceptor.maximum_length == 32768
+        second = associate(port)
+        assert second.is_rejected
+        first.release()
+    assert "serve.max_associations=1" in caplog.text
+
+
 def test_a_node_reachable_from_other_machines_must_list_its_callers(checkpoint, tmp_path):
     cfg = compose_config("serve", serve_overrides(checkpoint, tmp_path, free_port(), free_port(), "serve.host=0.0.0.0"))
     with pytest.raises(ValueError, match="serve.allowed_callers"):
@@ -234,6 +245,28 @@ def test_a_full_spool_refuses_files_with_out_of_resources(checkpoint, studies, t
         statuses = send(port, studies[0])
     assert OUT_OF_RESOURCES in statuses
     assert "serve.max_spool_gb" in caplog.text
+
+
+def test_an_answer_stored_before_a_kill_is_queued_and_recorded_after_it_and_a_half_written_one_is_dropped(tmp_path):
+    spool = Spool(tmp_path / "spool", 10**9, ["DEST"])
+    key = spool.store("1.2.3.4", "1.2.3.4.5", b"a received file")
+    answer = Dataset()
+    answer.file_meta = FileMetaDataset()
+    answer.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    answer.SOPClassUID, answer.SOPInstanceUID = COMPREHENSIVE_SR, "1.2.3.4.6"
+    record = {"number": 1, "covers": [path.name for path in spool.files(key)], "series": ["1.2.3.4.7"], "sr": "1.2.3.4.6",
+              "failed": ""}
+    spool.commit_answer(key, record, {"sr.dcm": answer})
+    # as a kill after the answer's folder was renamed and before it was queued and recorded leaves it
+    (spool.studies / key / "state.json").unlink()
+    (spool.outboxes / "DEST" / f"{key}-1-sr.dcm").unlink()
+    (spool.studies / key / "answers" / ".staging-2").mkdir()
+    again = Spool(tmp_path / "spool", 10**9, ["DEST"])
+    assert again.recover() == 1
+    assert again.answered(key) and again.own_series(key) == {"1.2.3.4.7"}
+    assert [path.name for path in again.outbox("DEST")] == [f"{key}-1-sr.dcm"]
+    assert sorted(path.name for path in (again.studies / key / "answers").iterdir()) == ["1"]
+    assert again.recover() == 0
 
 
 # --- answers -------------------------------------------------------------------------------------------------
@@ -370,6 +403,19 @@ def test_tls_associations_work_with_the_sites_certificate_and_plain_ones_are_ref
         secure.release()
         plain = associate(port)
         assert not plain.is_established
+
+
+def test_with_a_ca_only_callers_with_a_certificate_it_signed_may_associate(checkpoint, tmp_path):
+    cert, key = self_signed(tmp_path)  # the certificate signs itself: it is its own authority
+    trusted = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    with running_node(checkpoint, tmp_path, f"serve.tls.cert={cert}", f"serve.tls.key={key}",
+                      f"serve.tls.ca={cert}") as (_, port, _):
+        anonymous = associate(port, tls=(trusted, "localhost"))
+        assert not anonymous.is_established
+        trusted.load_cert_chain(cert, key)
+        known = associate(port, tls=(trusted, "localhost"))
+        assert known.is_established
+        known.release()
 
 
 # --- a killed node ---------------------------------------------------------------------------------------------
