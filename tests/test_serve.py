@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from copy import deepcopy
 from pathlib import Path
 
 import pandas as pd

@@ -8,7 +8,7 @@ it stops is sent after the next start. A file leaves the outbox only once the de
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -30,7 +30,7 @@ class Destination:
     folder: str = ""
     wait_s: float = 0.0  # the backoff now in force
     next_try: float = 0.0  # time.monotonic() before which it is not tried again
-    down: bool = field(default=False)
+    down: bool = False  # its last try failed
 
     def __post_init__(self):
         self.folder = destination_folder(self.ae_title, self.host, self.port)
