@@ -16,7 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ich.inference.answer import failure_reason, load_predictor, predict_study
+from ich.inference.answer import failure_reason, load_predictor, predict_study, require_study_inputs
 from ich.inference.outputs import Outputs
 from ich.inference.study import input_folder, scan_folder
 
@@ -40,9 +40,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     "AccessionNumber and file paths; keep them inside the hospital.")
     outputs = Outputs(model, output_dir, keep_ids, int(cfg.heatmaps))
     with input_folder(cfg.input) as folder:
-        if not {"modalities", "min_brain_fraction"} <= set(model.inputs):
-            raise ValueError(f"{model.source} does not say which DICOM modalities and slices its training read (it "
-                             "predates ich 2026-12): train it again with this version of ich.")
+        require_study_inputs(model)
         scan = scan_folder(folder, int(cfg.min_slices), model.inputs["modalities"])
         if not scan.files:
             raise FileNotFoundError(f"input={cfg.input} holds no files: pass the folder (or .zip) the DICOMs were exported to.")

@@ -8,13 +8,13 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ich"
 # What the root scripts and the `python -m ich.<command>` commands run; code below them never imports them.
 ENTRY_MODULES = ("ich.train", "ich.evaluate", "ich.predict", "ich.export", "ich.report", "ich.prepare", "ich.bench",
-                 "ich.gpu_check", "ich.phantom")
+                 "ich.gpu_check", "ich.phantom", "ich.serve")
 # The job folders from the bottom up. A module imports from its own folder and from folders of a lower rank only;
-# folders of one rank (inference and classical) do not import each other. The modules at the top of `ich/` (the
-# entry modules and cli, what they share) may import anything below them; the package root (CONFIG_DIR,
-# __version__) sits under everything.
+# folders of one rank (inference and classical) do not import each other; the DICOM node (node/) serves what
+# inference answers. The modules at the top of `ich/` (the entry modules and cli, what they share) may import
+# anything below them; the package root (CONFIG_DIR, __version__) sits under everything.
 RANKS = {"ich": -1, "ich.core": 0, "ich.data": 1, "ich.models": 2, "ich.evaluation": 3, "ich.training": 4,
-         "ich.inference": 5, "ich.classical": 5, "top": 6}
+         "ich.inference": 5, "ich.classical": 5, "ich.node": 6, "top": 7}
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:

@@ -128,6 +128,13 @@ def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
                      module=encoder)
 
 
+def require_study_inputs(model: Predictor) -> None:
+    """Studies are read as the model's training read its data: which modalities, and which slices count."""
+    if not {"modalities", "min_brain_fraction"} <= set(model.inputs):
+        raise ValueError(f"{model.source} does not say which DICOM modalities and slices its training read (it "
+                         "predates ich 2026-12): train it again with this version of ich.")
+
+
 def failure_reason(err: Exception) -> str:
     """Why a study failed, in one line without identifiers: paths and UIDs in the message are replaced."""
     text = re.sub(r"\S*[/\\]\S*", "<path>", " ".join(str(err).split()))
