@@ -29,5 +29,11 @@ RUN pip freeze | grep -iE '^(torch|torchvision)==' > /tmp/base-torch.txt \
     && pip install --constraint /tmp/base-torch.txt --editable . \
     && python -c "import ich.train"
 
+# The DICOM node (python -m ich.serve) listens on 11112; in a container it binds 0.0.0.0, which it accepts only
+# with the PACS's AE title in serve.allowed_callers (docs/how-to/pacs.md):
+#   docker run -p 11112:11112 -v /path/to/run:/model -v /srv/ich:/srv --entrypoint python ich -m ich.serve \
+#       ckpt_path=/model serve.host=0.0.0.0 'serve.allowed_callers=[ORTHANC]' serve.spool=/srv/spool \
+#       serve.results_dir=/srv/results 'serve.destinations=[{ae_title: ORTHANC, host: pacs.example, port: 4242}]'
+EXPOSE 11112
 VOLUME ["/data", "/outputs", "/cache"]
 ENTRYPOINT ["python", "/app/train.py", "hydra.run.dir=/outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.sweep.dir=/outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"]
