@@ -10,7 +10,8 @@ from pytorch_lightning import LightningModule
 log = logging.getLogger(__name__)
 
 LAST = "last"
-# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
+# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training. Chosen
+# data takes them from the checkpoint's `inputs`, whose windows are those its planes were made with (ich.data.encoding).
 INPUT_KEYS = ("windows", "context", "image_size")
 # Data keys that say which slices these are: when one differs from training's, it is another dataset.
 IDENTITY = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
@@ -84,12 +85,14 @@ def saved_inputs(model: LightningModule, checkpoint: Path) -> tuple[dict, dict]:
     return inputs, data
 
 
-def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) -> dict:
-    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
+def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path, inputs: dict) -> dict:
+    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's inputs
+    (a model of windowed images applies its images' window to the chosen HU data)."""
     chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     if "source" in chosen:  # a data group was chosen on the command line
         data = chosen
-        data.update({key: trained[key] for key in INPUT_KEYS if f"data.{key}" not in given})
+        shape = {key: inputs[key] for key in INPUT_KEYS if inputs[key] is not None}  # windows None: not windowed by us
+        data.update({key: value for key, value in shape.items() if f"data.{key}" not in given})
     else:  # the training run's data, with any +data.* tweaks on top
         data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
 
