@@ -244,3 +244,15 @@ def test_a_dicom_model_gives_hu_pngs_of_the_same_slices_the_same_probabilities(p
     on_pngs = pd.read_csv(tmp_path / "hu" / "predictions.csv").set_index("image_id").loc[on_dicoms.index]
     assert len(on_dicoms) == PATIENTS * SLICES
     np.testing.assert_allclose(on_pngs["prob_any"], on_dicoms["prob_any"], atol=1e-5)
+
+
+def test_cached_embeddings_and_features_of_one_encoding_are_not_taken_for_another(tmp_path):
+    """Stage-1 embeddings and classical features are cached by what the data looks like: the encoding is part of it."""
+    from ich.core.runs import IDENTITY, INPUT_KEYS, describe_data
+
+    def described(*overrides):
+        data = compose_config("train", [*overrides, f"output_dir={tmp_path}"]).data
+        return describe_data(OmegaConf.to_container(data, resolve=True), (*IDENTITY, *INPUT_KEYS))
+
+    assert described(*image_data(tmp_path)) != described(*image_data(tmp_path, "data.encoding=hu"))
+    assert "encoding" not in described("data=phantom")  # other sources keep the keys their caches were made under

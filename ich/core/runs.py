@@ -17,12 +17,17 @@ INPUT_KEYS = ("windows", "context", "image_size")
 IDENTITY = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
             "label_columns", "first_slice", "patient_pattern")
 PATH_KEYS = ("root", "image_dir", "labels", "masks")
+# Data keys of image folders (conf/data/images.yaml) that say what their pixels are (ich.data.encoding).
+ENCODING_KEYS = ("encoding", "encoding_window", "hu_scale", "hu_offset", "hu_clip")
 
 
 def describe_data(data: dict, keys: tuple[str, ...]) -> dict:
-    """`keys` of a data config with its paths made absolute: the part of a cache key (ich.training.embeddings,
-    ich.classical.features) that says which slices and how they look, unchanged by the folder a run starts in."""
+    """`keys` of a data config with its paths made absolute, and an image folder's encoding: the part of a cache key
+    (ich.training.embeddings, ich.classical.features) that says which slices and how they look, unchanged by the
+    folder a run starts in. The encoding keys count only where the config has them, so the caches of other sources
+    keep their keys."""
     described = {key: data.get(key) for key in keys}
+    described.update({key: data[key] for key in ENCODING_KEYS if key in data})
     for key in PATH_KEYS:
         if described.get(key):
             described[key] = str(Path(described[key]).expanduser().resolve())
