@@ -106,8 +106,9 @@ def read_rsna_labels(csv_path: Path) -> pd.DataFrame:
 
 
 def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV of PNG/JPG slices (what their pixels are is data.encoding, ich.data.encoding): `filename`, optional `patient`, label columns, and
-    optionally `slice` (its number along the head) and `series` (default: the patient).
+    """Read a CSV of PNG/JPG slices (what their pixels are is data.encoding's to say, ich.data.encoding): `filename`,
+    optional `patient`, label columns, and optionally `slice` (its number along the head) and `series` (default: the
+    patient).
 
     `required` are the labels the task needs; absent ones are an error, the others are filled
     with 0 so that every table has all six columns. With a `slice` column the table gets `position`
