@@ -28,7 +28,8 @@ from ich.core.runs import checkpoint_file, data_config, saved_inputs, training_r
 from ich.core.tasks import LABELS, Task
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import add_slice_order
-from ich.data.windows import parse_windows
+from ich.data.encoding import parse_encoding_windows
+from ich.data.windows import parse_windows, window_pairs
 from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
 from ich.evaluation.html_report import write_evaluation_report
 from ich.evaluation.metrics import metrics_at_once
@@ -67,7 +68,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
                          "run as ckpt_path.")
     run_dir = training_run_dir(checkpoint)
     inputs, trained = saved_inputs(model, checkpoint)
-    data = data_config(cfg, trained, command_line_keys(overrides), run_dir)
+    data = data_config(cfg, trained, command_line_keys(overrides), run_dir, inputs)
     check_inputs(inputs, data)
     label = task.outputs[0] if task.name == "binary" else None
     datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
@@ -156,17 +157,41 @@ def command_line_keys(overrides: Sequence[str]) -> set[str]:
 
 
 def check_inputs(inputs: dict, data: dict) -> None:
-    """Refuse data options that would shape the input otherwise than training did, naming the key."""
-    if (inputs["source"] == "images") != (data["source"] == "images"):
-        trained_on = "PNG/JPG slices (data=images)" if inputs["source"] == "images" else "DICOM slices"
-        raise ValueError(f"The checkpoint was trained on {trained_on}: evaluate it on the same kind of data.")
+    """Refuse data whose slices cannot be made into the checkpoint's inputs, naming the option that would fix it.
+
+    The checkpoint's windows decide (ich.data.encoding): HU data (DICOM, NIfTI, data.encoding=hu images) is windowed
+    with them; windowed images must have been made with them; a model of images of an unknown window (no windows)
+    reads only windowed images.
+    """
+    needed = inputs["windows"]
+    encoding = data.get("encoding", "none") if data["source"] == "images" else "hu"
+    if encoding == "hu" and needed is None:
+        raise ValueError("The checkpoint was trained on PNG/JPG slices of an unknown window (data.encoding=none), so "
+                         "it has no window to apply to HU data: train it again with data.encoding=window "
+                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
+    if encoding == "none" and needed is not None:
+        raise ValueError(f"The checkpoint takes planes of the windows {needed} (centre, width) and these images' "
+                         f"window is unknown: set data.encoding=window data.encoding_window={_as_option(needed)} if "
+                         "they were made with it, or data.encoding=hu if their pixels are HU.")
+    if encoding == "window" and needed is not None:
+        made = window_pairs(parse_encoding_windows(data["encoding_window"]))
+        if made != needed:
+            raise ValueError(f"These images were windowed with {made} (data.encoding_window) and cannot be windowed "
+                             f"again into the checkpoint's {needed}: evaluate it on HU data (DICOMs, or images with "
+                             "data.encoding=hu) or on images made with its windows.")
     given = {"context": int(data["context"]), "image_size": int(data["image_size"])}
-    if inputs["windows"] is not None:
-        given["windows"] = [[w.center, w.width] for w in parse_windows(data["windows"])]
+    if encoding == "hu":
+        given["windows"] = window_pairs(parse_windows(data["windows"]))
     for key, value in given.items():
         if value != inputs[key]:
             raise ValueError(f"data.{key}={value} differs from the checkpoint's {inputs[key]}: the model only knows "
                              f"inputs made as in training, so leave data.{key} out or set it to {inputs[key]}.")
+
+
+def _as_option(pairs: list[list[float]]) -> str:
+    """[centre, width] pairs as a command line takes them: [40,80] for one window, [[40,80],[80,200]] for several."""
+    written = [f"[{center:g},{width:g}]" for center, width in pairs]
+    return written[0] if len(written) == 1 else f"[{','.join(written)}]"
 
 
 def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:

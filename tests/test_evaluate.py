@@ -177,8 +177,9 @@ def test_external_data_that_holds_training_slices_is_flagged(multilabel, cache_d
 def test_chosen_data_keeps_trainings_preprocessing_unless_given(tmp_path):
     cfg = compose_config("evaluate", ["ckpt_path=x", "data=phantom", "data.image_size=32", f"output_dir={tmp_path}"])
     trained = {**OmegaConf.to_container(cfg.data, resolve=True), "windows": ["brain"], "context": 1, "image_size": 64}
-    data = data_config(cfg, trained, {"data.image_size"}, tmp_path)
-    assert data["windows"] == ["brain"] and data["context"] == 1  # as in training
+    inputs = {"windows": [[40.0, 80.0]], "context": 1, "image_size": 64}  # what the checkpoint says of them
+    data = data_config(cfg, trained, {"data.image_size"}, tmp_path, inputs)
+    assert data["windows"] == [[40.0, 80.0]] and data["context"] == 1  # as in training
     assert data["image_size"] == 32  # given on the command line
     assert data["split"] != [0.0, 0.0, 1.0]  # the training data itself: its test patients only
 
@@ -188,7 +189,8 @@ def test_default_data_is_the_training_runs_with_tweaks_on_top(multilabel, tmp_pa
     cfg = compose_config("evaluate", ["ckpt_path=x", "+data.image_size=32", "batch_size=2", f"output_dir={tmp_path}"])
     trained = torch.load(multilabel[0], weights_only=True)["hyper_parameters"]["data"]  # what the checkpoint says
     assert trained == OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=True)
-    data = data_config(cfg, trained, {"data.image_size", "batch_size"}, run_dir)
+    inputs = torch.load(multilabel[0], weights_only=True)["hyper_parameters"]["inputs"]
+    data = data_config(cfg, trained, {"data.image_size", "batch_size"}, run_dir, inputs)
     assert data == {**trained, "image_size": 32, "batch_size": 2, "split_file": str(run_dir / "split.csv")}
 
 

@@ -176,7 +176,7 @@ def saved_stage_two(path, task: str, source: str) -> None:
 
 
 @pytest.mark.parametrize(("task", "source", "message"), [
-    ("binary", "images", r"stage2\.ckpt was trained over an encoder of already windowed PNG/JPG slices"),
+    ("binary", "images", r"stage2\.ckpt was trained over an encoder of PNG/JPG slices of an unknown window"),
     ("subtype", "phantom", r"stage2\.ckpt is a stage-2 subtype model, whose exam output is not trained"),
 ])
 def test_predict_refuses_a_stage_two_model_it_cannot_answer_for_in_one_sentence(tmp_path, task, source, message):

@@ -138,12 +138,13 @@ def test_hu_of_another_type_or_shape_is_refused_naming_the_reader(checkpoints, s
         deployed(hu[:, :1])
 
 
-def test_an_image_folder_checkpoint_is_refused_in_one_sentence(tmp_path):
+def test_a_checkpoint_of_images_of_unknown_window_is_refused_in_one_sentence(tmp_path):
     checkpoint = saved_checkpoint(tmp_path / "images.ckpt", source="images")
-    with pytest.raises(ValueError, match=r"PNG/JPG slices \(data=images\).*deploy a model trained on DICOM") as err:
+    with pytest.raises(ValueError, match=r"PNG/JPG slices of an unknown window \(data=images with data.encoding=none\)"
+                                         r".*train it with data.encoding=window data.encoding_window=") as err:
         load_deployed(checkpoint)
     assert str(err.value).count(". ") == 0
-    with pytest.raises(ValueError, match="data=images"):
+    with pytest.raises(ValueError, match="data.encoding=none"):
         export(checkpoint, "onnx", tmp_path / "model.onnx")
 
 

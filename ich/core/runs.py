@@ -10,18 +10,24 @@ from pytorch_lightning import LightningModule
 log = logging.getLogger(__name__)
 
 LAST = "last"
-# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training.
+# Data keys that shape the input tensor: a checkpoint only makes sense on inputs shaped as in training. Chosen
+# data takes them from the checkpoint's `inputs`, whose windows are those its planes were made with (ich.data.encoding).
 INPUT_KEYS = ("windows", "context", "image_size")
 # Data keys that say which slices these are: when one differs from training's, it is another dataset.
 IDENTITY = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
             "label_columns", "first_slice", "patient_pattern")
 PATH_KEYS = ("root", "image_dir", "labels", "masks")
+# Data keys of image folders (conf/data/images.yaml) that say what their pixels are (ich.data.encoding).
+ENCODING_KEYS = ("encoding", "encoding_window", "hu_scale", "hu_offset", "hu_clip")
 
 
 def describe_data(data: dict, keys: tuple[str, ...]) -> dict:
-    """`keys` of a data config with its paths made absolute: the part of a cache key (ich.training.embeddings,
-    ich.classical.features) that says which slices and how they look, unchanged by the folder a run starts in."""
+    """`keys` of a data config with its paths made absolute, and an image folder's encoding: the part of a cache key
+    (ich.training.embeddings, ich.classical.features) that says which slices and how they look, unchanged by the
+    folder a run starts in. The encoding keys count only where the config has them, so the caches of other sources
+    keep their keys."""
     described = {key: data.get(key) for key in keys}
+    described.update({key: data[key] for key in ENCODING_KEYS if key in data})
     for key in PATH_KEYS:
         if described.get(key):
             described[key] = str(Path(described[key]).expanduser().resolve())
@@ -84,12 +90,14 @@ def saved_inputs(model: LightningModule, checkpoint: Path) -> tuple[dict, dict]:
     return inputs, data
 
 
-def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path) -> dict:
-    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's."""
+def data_config(cfg: DictConfig, trained: dict, given: set[str], run_dir: Path, inputs: dict) -> dict:
+    """ICHDataModule arguments: training's data and test patients, or the chosen data shaped like training's inputs
+    (a model of windowed images applies its images' window to the chosen HU data)."""
     chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     if "source" in chosen:  # a data group was chosen on the command line
         data = chosen
-        data.update({key: trained[key] for key in INPUT_KEYS if f"data.{key}" not in given})
+        shape = {key: inputs[key] for key in INPUT_KEYS if inputs[key] is not None}  # windows None: not windowed by us
+        data.update({key: value for key, value in shape.items() if f"data.{key}" not in given})
     else:  # the training run's data, with any +data.* tweaks on top
         data = OmegaConf.to_container(OmegaConf.merge(trained, chosen))
 

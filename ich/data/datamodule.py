@@ -26,13 +26,14 @@ from ich.core.privacy import pseudonym
 from ich.core.tasks import SUBTYPES, Task, get_task
 from ich.data.augment import build_augmentation
 from ich.data.cache import SliceCache, load_or_build_cache
-from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, ImageLoader, MemoryLoader, SliceDataset, as_bytes,
-                              collate_skipping, init_worker)
+from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, HUImageLoader, ImageLoader, MemoryLoader,
+                              SliceDataset, as_bytes, collate_skipping, init_worker)
+from ich.data.encoding import ImageEncoding
 from ich.data.index import IndexSummary, add_slice_order, load_or_build_index
 from ich.data.nifti import VolumeSource
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
-from ich.data.windows import parse_windows
+from ich.data.windows import Window, parse_windows, window_pairs
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ class ICHDataModule(pl.LightningDataModule):
         label_columns: dict | None = None,
         first_slice: int = 1,
         patient_pattern: str | None = None,
+        encoding: str = "none",
+        encoding_window: object = None,
+        hu_scale: float = 1.0,
+        hu_offset: float = 0.0,
+        hu_clip: list[float] | None = None,
         output_dir: str | None = None,
     ):
         super().__init__()
@@ -170,6 +176,10 @@ class ICHDataModule(pl.LightningDataModule):
             raise ValueError(f"Unknown data.balance '{balance}': use none or undersample.")
         if source == "images" and cache:
             raise ValueError("data.cache holds DICOM slices; PNG/JPG folders are read as they are: set data.cache=false.")
+        self.encoding = ImageEncoding.from_config(encoding, encoding_window, hu_scale, hu_offset, hu_clip)
+        if source != "images" and (self.encoding.kind != "none" or hu_clip is not None):
+            raise ValueError(f"data.encoding and data.hu_* describe PNG/JPG folders (data=images); data={source} says "
+                             "how its pixels become HU in its files: leave them out.")
         if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
             raise ValueError(f"data.num_workers={num_workers!r}: give a number of processes (0 = none) or auto.")
         if not (pin_memory == "auto" or isinstance(pin_memory, bool)):
@@ -203,9 +213,12 @@ class ICHDataModule(pl.LightningDataModule):
         """How a slice becomes the model's input, and which Modality values were read as CT slices: saved in
         checkpoints (ich.training.module), so that evaluation and prediction shape and admit new data exactly as training
         did, and refuse data options that contradict it."""
+        windows = self.model_windows
         return {
             "source": "images" if self.source == "images" else "dicom",
-            "windows": None if self.source == "images" else [[w.center, w.width] for w in self.windows],
+            # how the training pixels relate to HU (ich.data.encoding): hu for DICOM and NIfTI; what decides is `windows`
+            "encoding": self.encoding.kind if self.source == "images" else "hu",
+            "windows": None if windows is None else window_pairs(windows),
             "context": self.context,
             "image_size": self.image_size,
             "channels": self.num_channels,
@@ -213,6 +226,15 @@ class ICHDataModule(pl.LightningDataModule):
             # slices with less brain than this are no test slices, so they count in no exam (ich.evaluation.exam)
             "min_brain_fraction": 0.0 if self.source == "images" else self.min_brain_fraction,
         }
+
+    @property
+    def model_windows(self) -> tuple[Window, ...] | None:
+        """The windows the model's planes are made with: data.windows over HU (DICOM, NIfTI, data.encoding=hu), the
+        images' own with data.encoding=window, None when they are unknown (data.encoding=none). What a model trained
+        here applies to any HU source later (ich.inference.deploy)."""
+        if self.source != "images" or self.encoding.kind == "hu":
+            return self.windows
+        return self.encoding.windows or None
 
     # -- the full table of usable slices --------------------------------------------------------
     def _dicom_root(self) -> Path:
@@ -341,14 +363,27 @@ class ICHDataModule(pl.LightningDataModule):
         if self.source != "images":
             loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
         else:
-            first = cv2.imread(index["path"].iloc[0], cv2.IMREAD_UNCHANGED)
-            channels = 1 if first is None or first.ndim == 2 else 3
-            loader = ImageLoader(as_bytes(index["path"]), self.image_size, channels)
+            loader = self._image_loader(index["path"])
         needed = len(index) * loader.channels * self.image_size**2
         if needed > memory_budget():
             return loader
         log.info("Reading the %d slices into memory once (%.0f MB) instead of every epoch", len(index), needed / 1e6)
         return MemoryLoader(loader, len(index), self.image_size)
+
+    def _image_loader(self, paths: pd.Series):
+        """HU images are windowed as DICOMs are; windowed images are read as they are, with as many channels as
+        their declared windows (data.encoding=window) or as the first image has."""
+        first = cv2.imread(paths.iloc[0], cv2.IMREAD_UNCHANGED)
+        if self.encoding.kind == "hu":
+            if first is not None:
+                self.encoding.check_windows(self.windows, first.dtype)
+            return HUImageLoader(as_bytes(paths), self.encoding, self.windows, self.image_size)
+        colours = 1 if first is None or first.ndim == 2 else 3
+        channels = len(self.encoding.windows) or colours
+        if channels > colours:
+            raise ValueError(f"data.encoding_window lists {channels} windows, one per colour channel, but "
+                             f"{paths.iloc[0]} is grayscale: give the one window its images were made with.")
+        return ImageLoader(as_bytes(paths), self.image_size, channels)
 
     @property
     def index(self) -> pd.DataFrame:
@@ -431,7 +466,12 @@ class ICHDataModule(pl.LightningDataModule):
         its image id, or by `ids` where file names repeat across series (CQ500's do)."""
         shape = (len(index),) if self.task.loss == "ce" else (len(index), self.task.num_outputs)
         zeros = np.zeros(shape, np.int64 if self.task.loss == "ce" else np.float32)
-        loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
+        windows = self.model_windows
+        if windows is None:
+            raise ValueError("DICOMs are windowed with the model's windows, and images of an unknown window "
+                             "(data.encoding=none) give it none: train on them with data.encoding=window "
+                             "data.encoding_window=[CENTRE,WIDTH], the window they were made with.")
+        loader = DicomLoader(as_bytes(index["path"]), windows, self.image_size)
         ids = as_bytes(index["image_id"] if ids is None else ids)
         return SliceDataset(neighbour_rows(index, self.context), zeros, ids, loader)
 

@@ -1,7 +1,8 @@
 """Slices of one split as uint8 tensors: read, window, stack the context slices, augment.
 
-One path per source: a DICOM (or its row of the slice cache) is read as int16 HU and windowed into
-uint8 planes here, in the loader workers, and nowhere else; PNG/JPG slices come windowed already.
+One path per source: a DICOM (or its row of the slice cache), or a PNG/JPG slice that stores HU
+(data.encoding=hu), is read as int16 HU and windowed into uint8 planes here, in the loader workers, and
+nowhere else; other PNG/JPG slices come windowed already.
 """
 
 import ctypes
@@ -20,7 +21,8 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
 from ich.data.cache import SliceCache
-from ich.data.dicom import DicomReadError, read_hu_square
+from ich.data.dicom import DicomReadError, read_hu_square, square_hu
+from ich.data.encoding import ImageEncoding
 from ich.data.windows import Window, merge_channels, window_planes
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,7 @@ class ImageLoader:
     channels: int = 1
 
     def __call__(self, row: int) -> list[np.ndarray]:
-        path = self.paths[row].decode()
-        image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise OSError(f"{path} is not a readable PNG/JPG image.")
+        image = read_image(self.paths[row].decode(), cv2.IMREAD_UNCHANGED)
         if image.dtype == np.uint16:
             image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
         planes = [image] if image.ndim == 2 else list(reversed(cv2.split(image)[:3]))  # BGR(A) -> RGB
@@ -86,6 +85,34 @@ class ImageLoader:
             # grayscale stored as RGB (or the other way round): keep what the dataset was declared with
             planes = planes[: self.channels] if self.channels == 1 else planes[:1] * self.channels
         return [cv2.resize(plane, (self.size, self.size), interpolation=cv2.INTER_AREA) for plane in planes]
+
+
+@dataclass(frozen=True)
+class HUImageLoader:
+    """Table row -> a PNG/JPG slice that stores HU (data.encoding=hu) as int16 HU on a square of `size`, as
+    DicomLoader makes a DICOM's -> one uint8 plane per window: the planes a DICOM of the same HU gives."""
+
+    paths: np.ndarray
+    encoding: ImageEncoding
+    windows: tuple[Window, ...]
+    size: int
+
+    @property
+    def channels(self) -> int:
+        """Channels per slice that reach the model."""
+        return len(self.windows)
+
+    def __call__(self, row: int) -> list[np.ndarray]:
+        pixels = read_image(self.paths[row].decode(), cv2.IMREAD_ANYDEPTH)  # one channel, 16 bits kept
+        return window_planes(square_hu(self.encoding.to_hu(pixels), self.size), self.windows)
+
+
+def read_image(path: str, flags: int) -> np.ndarray:
+    """A PNG/JPG file as cv2.imread reads it with `flags`; an unreadable one raises OSError, skipped like a bad DICOM."""
+    image = cv2.imread(path, flags)
+    if image is None:
+        raise OSError(f"{path} is not a readable PNG/JPG image.")
+    return image
 
 
 class MemoryLoader:

@@ -1,4 +1,4 @@
-"""Where slices and their labels come from: the RSNA 2019 layout, or a folder of windowed images.
+"""Where slices and their labels come from: the RSNA 2019 layout, or a folder of PNG/JPG images.
 
 Each reader returns one table with an `image_id` per slice and the six label columns, so the
 rest of the data layer never needs to know which layout the data arrived in.
@@ -106,8 +106,9 @@ def read_rsna_labels(csv_path: Path) -> pd.DataFrame:
 
 
 def read_image_table(root: Path, labels_csv: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV of already windowed PNG/JPG slices: `filename`, optional `patient`, label columns, and
-    optionally `slice` (its number along the head) and `series` (default: the patient).
+    """Read a CSV of PNG/JPG slices (what their pixels are is data.encoding's to say, ich.data.encoding): `filename`,
+    optional `patient`, label columns, and optionally `slice` (its number along the head) and `series` (default: the
+    patient).
 
     `required` are the labels the task needs; absent ones are an error, the others are filled
     with 0 so that every table has all six columns. With a `slice` column the table gets `position`

@@ -75,6 +75,11 @@ def _parse_window(entry: object, option: str) -> Window:
     return Window(center, width)
 
 
+def window_pairs(windows: Sequence[Window]) -> list[list[float]]:
+    """Windows as a checkpoint's `inputs` keep them: [center, width] pairs, which parse_windows reads back."""
+    return [[window.center, window.width] for window in windows]
+
+
 def window_stack(hu: np.ndarray, windows: Sequence[Window]) -> np.ndarray:
     """Window an HxW HU image into an HxWxC uint8 image, one channel per window."""
     return merge_channels(window_planes(hu, windows))

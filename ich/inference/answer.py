@@ -103,9 +103,10 @@ def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
     """A stage-2 checkpoint: the encoder it carries makes each slice's features, the sequence model reads the series;
     slices are called at its slice thresholds, exams at its exam output's own."""
     model = SequenceLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    if model.hparams.inputs["source"] == "images":
-        raise ValueError(f"{checkpoint} was trained over an encoder of already windowed PNG/JPG slices (data=images), "
-                         "which has no windows to apply to HU: predict with a stage-2 model over a DICOM-trained encoder.")
+    if model.hparams.inputs["windows"] is None:
+        raise ValueError(f"{checkpoint} was trained over an encoder of PNG/JPG slices of an unknown window (data.encoding="
+                         "none), which has no window to apply to HU: train its encoder with data.encoding=window "
+                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
     if model.task.loss != "bce":
         raise ValueError(f"{checkpoint} is a stage-2 subtype model, whose exam output is not trained: predict with the "
                          "stage-1 subtype run it was trained on (model.encoder) instead.")

@@ -73,8 +73,8 @@ class Deployed:
         thresholds_chosen: whether they were chosen on the validation patients; False means the fixed
             `threshold` of training (0.5 by default), which is no operating point.
         temperature: the logits' divisor before the sigmoid/softmax (1 unless calibrated).
-        inputs: the checkpoint's inputs: source, windows ([center, width] pairs), context, image_size, channels,
-            modalities (read as CT).
+        inputs: the checkpoint's inputs: source, encoding, windows ([center, width] pairs), context, image_size,
+            channels, modalities (read as CT).
         task: binary, subtype or multilabel (ich.core.tasks).
         source: the file the model was read from.
         run: int16 HU [B, 2k+1, S, S] -> probabilities, unchecked (call the Deployed itself instead).
@@ -137,7 +137,8 @@ def model_checkpoint(path: Path) -> Path:
 
 
 def load_model(checkpoint: Path) -> ICHLitModule:
-    """The checkpoint's model on the CPU in float32 and the plain memory layout, refusing what takes no HU.
+    """The checkpoint's model on the CPU in float32 and the plain memory layout, refusing what takes no HU: a model of
+    images whose window is unknown (its `inputs` name no windows; ich.data.encoding).
 
     channels_last is a training speed setting (trainer.channels_last): a deployed model must not carry it.
     """
@@ -149,9 +150,10 @@ def load_model(checkpoint: Path) -> ICHLitModule:
     if not inputs:
         raise ValueError(f"{checkpoint} does not say how its inputs were made (it predates self-describing "
                          "checkpoints): train it again with this version of ich.")
-    if inputs["source"] == "images":
-        raise ValueError(f"{checkpoint} was trained on already windowed PNG/JPG slices (data=images), so it has no "
-                         "windows to apply to HU: deploy a model trained on DICOM slices (data=phantom or data=rsna).")
+    if inputs["windows"] is None:
+        raise ValueError(f"{checkpoint} was trained on PNG/JPG slices of an unknown window (data=images with "
+                         "data.encoding=none), so it has no window to apply to HU: train it with data.encoding=window "
+                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
     return model.float().to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
 
 

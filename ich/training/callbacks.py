@@ -125,7 +125,7 @@ def _figure_dir(trainer: pl.Trainer, stage: str) -> Path:
 def _display_channel(images: torch.Tensor, trainer: pl.Trainer) -> torch.Tensor:
     """The centre slice's first window (the brain window by default): channels run neighbour by neighbour."""
     datamodule = trainer.datamodule
-    channel = datamodule.context * len(datamodule.windows) if hasattr(datamodule, "windows") else 0
+    channel = datamodule.context * len(datamodule.model_windows or datamodule.windows) if hasattr(datamodule, "windows") else 0
     return to_unit_float(images[:, channel])
 
 

@@ -174,8 +174,8 @@ class ICHLitModule(SliceClassifier):
             travel in the checkpoint with the weights.
         precision: the trainer's precision its test stage predicted at (`bf16-mixed`, `32-true`, ...), which
             prediction (ich.inference.deploy) takes too, so that a study gets the test stage's probabilities.
-        inputs: how the data module shapes a slice (ICHDataModule.inputs: windows, context, image size,
-            channels); data: the training run's data config. Both only travel in the checkpoint, so
+        inputs: how the data module shapes a slice (ICHDataModule.inputs: the source's encoding, the windows (None:
+            images of an unknown window), context, image size, channels); data: the training run's data config. Both only travel in the checkpoint, so
             evaluation and prediction need nothing but the .ckpt file.
     """
 

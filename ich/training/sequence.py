@@ -453,7 +453,8 @@ def build_stage_two(cfg: DictConfig) -> tuple[SequenceDataModule, SequenceLitMod
     encoder = ICHLitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     inputs, trained = saved_inputs(encoder, path)
     adopt_task(cfg, encoder.task)
-    data = data_config(OmegaConf.create({"num_workers": cfg.data.num_workers}), trained, set(), training_run_dir(path))
+    data = data_config(OmegaConf.create({"num_workers": cfg.data.num_workers}), trained, set(), training_run_dir(path),
+                       inputs)
     with open_dict(cfg):
         cfg.data = OmegaConf.create(data)  # logged as used: the encoder's data, not the command line's default
     output_dir = Path(cfg.output_dir)
