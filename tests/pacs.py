@@ -34,7 +34,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ich.phantom import generate
+from ich.data.phantom import generate
 
 HOST = "127.0.0.1"
 # dcmtk (the command-line tools, and Orthanc, which Debian links against the same library) leaves Nagle's

@@ -21,7 +21,6 @@ from ich.train import run as train
 from ich.training.module import ICHLitModule
 
 # Its module fixtures write the phantom and train once; under pytest-xdist the module stays on one worker.
-pytestmark = pytest.mark.xdist_group("encoding")
 
 PATIENTS, SLICES, SIZE = 10, 6, 64  # the phantom of the module, as DICOMs and as images
 

@@ -22,7 +22,6 @@ from ich.train import run as train
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
 # stays on one worker so that they are not built again on another.
-pytestmark = pytest.mark.xdist_group("evaluate")
 
 ROOT = CONFIG_DIR.parent
 FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png", "report.html")

@@ -25,7 +25,6 @@ from ich.training.sequence import SequenceLitModule
 from test_order import write_slice
 
 # Its module fixtures train once; under pytest-xdist (`--dist loadgroup`) the module stays on one worker.
-pytestmark = pytest.mark.xdist_group("exam")
 
 
 def test_slices_training_would_not_have_tested_count_in_no_exam_of_predict(tmp_path):

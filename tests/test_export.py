@@ -30,7 +30,6 @@ from test_module import fit
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
 # stays on one worker so that they are not built again on another.
-pytestmark = pytest.mark.xdist_group("export")
 
 ROOT = CONFIG_DIR.parent
 SIZE = 32

@@ -18,7 +18,7 @@ from ich.inference.heatmap import Stage, channels_first, grad_cam
 from ich.train import run as train
 
 # Its module fixture trains a checkpoint per backbone: the module stays on one worker under pytest-xdist.
-pytestmark = [pytest.mark.xdist_group("heatmap"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SIZE = 160  # timm's test models are made for 160 px
 BRAIN_HU, BLOOD_HU = 30, 75

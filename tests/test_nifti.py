@@ -27,7 +27,6 @@ from ich.train import run as train
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
 # stays on one worker so that they are not built again on another.
-pytestmark = pytest.mark.xdist_group("nifti")
 
 PATIENTS, SLICES, SIZE, SEED = 8, 8, 64, 3
 BHSD_LABELS = "{1: epidural, 2: intraparenchymal, 3: intraventricular, 4: subarachnoid, 5: subdural}"

@@ -25,7 +25,6 @@ from ich.inference.study import scan_folder
 from ich.predict import run as predict_run
 from ich.train import run as train
 
-pytestmark = pytest.mark.xdist_group("order")
 
 SLICES = 12
 ROWS, COLUMNS = 16, 24  # not square, so that a transposed copy cannot pass for the original

@@ -14,7 +14,6 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pacs import HOST, echoscu, free_port, phantom_study, start_orthanc, start_storescp, storescu
 
 # the module's Orthanc and storescp are started once, on one pytest-xdist worker
-pytestmark = pytest.mark.xdist_group("pacs")
 
 SLICES = 40  # the study size of the speed target
 

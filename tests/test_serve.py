@@ -35,7 +35,6 @@ from ich.node.spool import Spool
 from ich.predict import run as predict_run
 from ich.train import run as train
 
-pytestmark = pytest.mark.xdist_group("serve")
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # PS3.4: Comprehensive SR Storage

@@ -25,7 +25,6 @@ from ich.train import run as train
 
 # Its module fixtures train a model and predict once; under pytest-xdist (`--dist loadgroup`) the module stays on
 # one worker so that they are not built again on another.
-pytestmark = pytest.mark.xdist_group("study_rules")
 
 SIZE = 64
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -16,7 +16,6 @@ from ich.training.callbacks import WANDB_RUN_ID_KEY
 
 # Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
 # stays on one worker so that they are not built again on another.
-pytestmark = pytest.mark.xdist_group("wandb")
 
 # The .wandb file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records, each with a
 # 7-byte header (crc32, length, type); a record too long for its block continues in the next (types 2-4).
