@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, Verification
 
 from conftest import FAST_RUN, compose_config
+from pacs import echoscu, free_port, phantom_study, start_orthanc, start_storescp, storescu, wait_until
 from ich.core.privacy import pseudonym
-from ich.data.phantom import generate
 from ich.node.node import Node
 from ich.node.spool import Spool
 from ich.predict import run as predict_run
@@ -59,23 +58,11 @@ def checkpoint(cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> list[list[Dataset]]:
-    """Three phantom studies as a scanner writes them: valid UIDs, a name, a PatientID and an accession number."""
-    phantom = tmp_path_factory.mktemp("phantom")
-    summary = generate(phantom, patients=3, slices=SLICES, size=64, seed=5, quirks=False)
-    written = []
-    with config.disable_value_validation():  # the phantom's RSNA-style `ID_...` UIDs are replaced here
-        for p, image_ids in enumerate(summary["series"].values()):
-            study, series = generate_uid(), generate_uid()
-            slices = []
-            for image_id in image_ids:
-                ds = pydicom.dcmread(phantom / "stage_2_train" / f"{image_id}.dcm")
-                ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-                ds.PatientName, ds.PatientID = f"DOE^JANE{p}", f"MRN7730{p:03d}"
-                ds.AccessionNumber, ds.SeriesNumber, ds.StudyID = f"ACC99{p:04d}", 2, f"S{p}"
-                slices.append(ds)
-            written.append(slices)
-    return written
+    """Three phantom studies as a scanner writes them (tests/pacs.py): valid UIDs, a name, a PatientID and an
+    accession number."""
+    root = tmp_path_factory.mktemp("phantom")
+    folders = [phantom_study(root / str(p), slices=SLICES, size=64, seed=5 + p).folder for p in range(3)]
+    return [[pydicom.dcmread(path) for path in sorted(folder.iterdir())] for folder in folders]
 
 
 def identifiers(study: list[Dataset]) -> set[str]:
@@ -90,12 +77,6 @@ def save_folder(study: list[Dataset], folder: Path) -> Path:
     for k, ds in enumerate(study):
         ds.save_as(folder / f"IM{k:04d}", enforce_file_format=True)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
@@ -118,18 +99,20 @@ def destination(port: int):
         server.shutdown()
 
 
-def serve_overrides(checkpoint, tmp_path: Path, port: int, dest_port: int, *more: str) -> list[str]:
+def serve_overrides(checkpoint, tmp_path: Path, port: int, dest_port: int, *more: str, dest_aet: str = "DEST") -> list[str]:
     return [f"ckpt_path={checkpoint}", f"serve.spool={tmp_path / 'spool'}", f"serve.results_dir={tmp_path / 'results'}",
             f"serve.port={port}", f"serve.quiet_s={QUIET_S}", "serve.min_slices=4", f"serve.heatmaps={HEATMAPS}",
             f"serve.uid_root={UID_ROOT}", "serve.retry.first_s=0.2", "serve.retry.max_s=1", "serve.retry.timeout_s=5",
-            f"serve.destinations=[{{ae_title: DEST, host: 127.0.0.1, port: {dest_port}}}]", *more]
+            f"serve.destinations=[{{ae_title: {dest_aet}, host: 127.0.0.1, port: {dest_port}}}]", *more]
 
 
 @contextmanager
-def running_node(checkpoint, tmp_path: Path, *more: str):
-    """A node in this process on free ports; yields (node, its port, the destination's port)."""
-    port, dest_port = free_port(), free_port()
-    node = Node(compose_config("serve", serve_overrides(checkpoint, tmp_path, port, dest_port, *more)))
+def running_node(checkpoint, tmp_path: Path, *more: str, port: int | None = None, dest_port: int | None = None,
+                 dest_aet: str = "DEST"):
+    """A node in this process (on free ports unless given); yields (node, its port, the destination's port)."""
+    port, dest_port = port or free_port(), dest_port or free_port()
+    node = Node(compose_config("serve", serve_overrides(checkpoint, tmp_path, port, dest_port, *more,
+                                                        dest_aet=dest_aet)))
     node.start()
     try:
         yield node, port, dest_port
@@ -156,13 +139,7 @@ def send(port: int, items, calling: str = "PACS") -> list[int]:
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "the answer"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not come within {timeout:g} s")
+    return wait_until(condition, timeout, what)
 
 
 def reports(received: list[Dataset], study_uid: str) -> list[Dataset]:
@@ -476,3 +453,57 @@ def test_a_node_killed_mid_study_completes_it_after_a_restart_and_answers_nothin
     assert "Stopped." in said
     leaked = [value for study in (first, second) for value in identifiers(study) if value in said]
     assert not leaked, "the node's output names a patient or a UID"
+
+
+# --- a real PACS (Orthanc) and the reference clients (dcmtk) -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_orthanc_sends_a_study_to_the_node_and_files_the_answer_in_the_same_study(checkpoint, tmp_path):
+    """The round trip a site sets up: Orthanc holds a study, sends it to the node (one of its DicomModalities), and
+    the node's SR and Secondary Captures come back into that study, filed with its images."""
+    study = phantom_study(tmp_path / "study", slices=SLICES, seed=21)
+    reference = predicted(checkpoint, study.folder, tmp_path / "predict").iloc[0]
+    port = free_port()
+    with start_orthanc(tmp_path / "orthanc", {"ich": ["ICH", "127.0.0.1", port]}) as pacs:
+        pacs.upload(study.folder)
+        with running_node(checkpoint, tmp_path, "serve.allowed_callers=[ORTHANC]", port=port, dest_port=pacs.port,
+                          dest_aet=pacs.aet):
+            pacs.send(study.study_uid, "ich")
+            (sr_series,) = pacs.wait_for_series(study.study_uid, "SR")
+            (sc_series,) = pacs.wait_for_series(study.study_uid, "OT")
+            wait_for(lambda: len(pacs.get(f"/series/{sc_series['ID']}")["Instances"]) == HEATMAPS, what="the captures")
+        (sr_id,) = sr_series["Instances"]
+        sr = pacs.read(sr_id)
+        captures = [pacs.read(instance) for instance in pacs.get(f"/series/{sc_series['ID']}")["Instances"]]
+        assert len(pacs.instances(study.study_uid)) == SLICES + 1 + HEATMAPS  # one study: nothing filed apart
+    for ds in [sr, *captures]:
+        assert (ds.StudyInstanceUID, ds.PatientID) == (study.study_uid, study.patient_id)
+        assert ds.SeriesInstanceUID.startswith(UID_ROOT + ".") and ds.SOPInstanceUID.startswith(UID_ROOT + ".")
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and {ds.SOPClassUID for ds in captures} == {SECONDARY_CAPTURE}
+    outputs = sr_outputs(sr)
+    assert outputs["any"][0] == pytest.approx(reference["prob_any"], abs=1e-6)
+    assert outputs["any"][1] == pytest.approx(reference["threshold_any"], abs=1e-6)
+    finding = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121071")
+    assert finding.ConceptCodeSequence[0].CodeMeaning == ("Hemorrhage" if reference["positive"] else
+                                                         "No hemorrhage found")
+    assert evidence(sr) == set(study.sop_uids)
+
+
+@pytest.mark.slow
+def test_dcmtk_clients_echo_and_send_a_study_and_storescp_receives_the_answer(checkpoint, tmp_path):
+    """The reference clients: echoscu and storescu talk to the node, dcmtk's storescp stands for the PACS."""
+    study = phantom_study(tmp_path / "study", slices=SLICES, seed=22)
+    reference = predicted(checkpoint, study.folder, tmp_path / "predict").iloc[0]
+    with start_storescp(tmp_path / "dest", aet="ARCHIVE") as archive, \
+            running_node(checkpoint, tmp_path, "serve.allowed_callers=[MODALITY]", dest_port=archive.port,
+                         dest_aet=archive.aet) as (_, port, _):
+        echoscu(port, aet="MODALITY", called="ICH")
+        refused = echoscu(port, aet="STRANGER", called="ICH", check=False)
+        assert refused.returncode != 0, "an AE title not in serve.allowed_callers was let in"
+        storescu(port, study.folder, aet="MODALITY", called="ICH")
+        wait_for(lambda: len(archive.received()) == 1 + HEATMAPS)
+    received = archive.received()
+    (sr,) = [ds for ds in received if ds.SOPClassUID == COMPREHENSIVE_SR]
+    assert sr.StudyInstanceUID == study.study_uid
+    assert sr_outputs(sr)["any"][0] == pytest.approx(reference["prob_any"], abs=1e-6)
