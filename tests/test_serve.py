@@ -6,6 +6,8 @@ What the answers must say comes from outside the node: predict.py's studies.csv 
 standard's status codes and SOP classes, and the UIDs this test sent.
 """
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,6 +31,7 @@ from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, Verificatio
 from conftest import FAST_RUN, compose_config
 from pacs import echoscu, free_port, phantom_study, start_orthanc, start_storescp, storescu, wait_until
 from ich.core.privacy import pseudonym
+from ich.export import export
 from ich.node.node import Node
 from ich.node.spool import Spool
 from ich.predict import run as predict_run
@@ -507,3 +510,23 @@ def test_dcmtk_clients_echo_and_send_a_study_and_storescp_receives_the_answer(ch
     (sr,) = [ds for ds in received if ds.SOPClassUID == COMPREHENSIVE_SR]
     assert sr.StudyInstanceUID == study.study_uid
     assert sr_outputs(sr)["any"][0] == pytest.approx(reference["prob_any"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_exported_model_answers_with_an_sr_naming_its_backbone_and_no_heat_maps(checkpoint, studies, tmp_path):
+    """A site may run the node on the exported file alone: the SR is the same as predict.py's on that file, and the
+    model is named from the file's JSON."""
+    model = export(checkpoint, "onnx", tmp_path / "export" / "model.onnx")
+    study = studies[1]
+    reference = predicted(model, save_folder(study, tmp_path / "input"), tmp_path / "predict").iloc[0]
+    with running_node(model, tmp_path) as (_, port, dest_port), destination(dest_port) as received:
+        assert send(port, study) == [0x0000] * SLICES
+        wait_for(lambda: reports(received, str(study[0].StudyInstanceUID)))
+        time.sleep(QUIET_S)  # nothing else may come: an exported model draws no heat maps
+    (sr,) = received
+    assert sr_outputs(sr)["any"][0] == pytest.approx(reference["prob_any"], abs=1e-6)
+    (model_item,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "MODEL"]
+    named = {child.ConceptNameCodeSequence[0].CodeValue: child.TextValue for child in model_item.ContentSequence}
+    (description,) = model.parent.glob("*.json")  # the JSON export writes beside the file
+    backbone = json.loads(description.read_text())["backbone"]
+    assert named["BACKBONE"] == backbone and named["CKPT-SHA256"] == hashlib.sha256(model.read_bytes()).hexdigest()

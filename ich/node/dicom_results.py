@@ -42,7 +42,10 @@ TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 
 
 def code(value: str, meaning: str) -> Code:
-    """A concept of this node's own coding scheme (99ICH: the 99 prefix marks a private scheme in DICOM)."""
+    """A concept of this node's own coding scheme (99ICH: the 99 prefix marks a private scheme in DICOM). Values
+    fit CodeValue's 16 characters (SH), where viewers look; longer ones would go to LongCodeValue."""
+    if len(value) > 16:
+        raise ValueError(f"code value {value} is longer than CodeValue's 16 characters: shorten it.")
     return Code(value, "99ICH", meaning)
 
 
@@ -61,13 +64,13 @@ OPERATING_POINT = code("OPERATING-POINT", "Operating point")
 CHOSEN = code("OP-CHOSEN", "Operating point chosen on validation")
 SERIES_READ = code("SERIES-READ", "Series read")
 SERIES_UID = Code("112002", "DCM", "Series Instance UID")
-DESCRIPTION = code("SERIES-DESCRIPTION", "Series description")
+DESCRIPTION = code("SERIES-DESC", "Series description")
 FROM_MM, TO_MM = code("FROM-MM", "Range start"), code("TO-MM", "Range end")
 COVERED_MM = code("COVERED-MM", "Range read")
 MODEL = code("MODEL", "Model")
 ALGORITHM_NAME, ALGORITHM_VERSION = Code("111001", "DCM", "Algorithm Name"), Code("111003", "DCM", "Algorithm Version")
 BACKBONE = code("BACKBONE", "Backbone")
-CHECKPOINT = code("CHECKPOINT-SHA256", "Checkpoint SHA-256")
+CHECKPOINT = code("CKPT-SHA256", "Checkpoint SHA-256")
 TASK = code("TASK", "Task")
 REPLACES = code("REPLACES", "Replaces the result series")
 NOTICE_CODE = code("NOTICE", "Notice")
