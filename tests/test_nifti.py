@@ -153,6 +153,10 @@ def test_volumes_come_out_in_anatomical_order_with_the_hu_and_labels_of_the_dico
         np.testing.assert_array_equal(rows[list(LABELS)].to_numpy(), expected["labels"], err_msg=f"volume {number}")
         same = dicom[dicom["patient"] == pseudonym(expected["patient"])].sort_values("slice_index")
         np.testing.assert_allclose(rows["position"], same["position"], atol=1e-3)
+        # what a checkpoint's training ranges are made of (ich.data.seen) is the DICOM series' too
+        np.testing.assert_allclose(rows["field_of_view_mm"], same["field_of_view_mm"], atol=1e-3)
+        np.testing.assert_allclose(rows[["head_hu_median", "head_brain_fraction", "brain_noise_hu"]],
+                                   same[["head_hu_median", "head_brain_fraction", "brain_noise_hu"]], atol=0.5)
         for nifti_path, dicom_path in zip(rows["path"], same["path"]):
             np.testing.assert_allclose(read_hu(nifti_path), read_hu(dicom_path), atol=0.5)
     assert index["study"].nunique() == PATIENTS and (index.groupby("study")["series"].nunique() == 1).all()

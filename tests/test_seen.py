@@ -25,8 +25,9 @@ from pydicom.uid import generate_uid
 
 from conftest import PHANTOM, SMALL_PHANTOM, compose_config, make_datamodule
 from ich.data.datamodule import phantom_root
-from ich.data.phantom import generate
-from ich.data.seen import UNKNOWN_SOURCE, seen_ranges, series_figures, slice_spacing
+from ich.data.phantom import generate, generate_images
+from ich.data.seen import (UNKNOWN_SOURCE, TrainingSource, flag, seen_ranges, series_figures, slice_spacing,
+                           training_source)
 from ich.evaluate import run as evaluate_run
 from ich.inference.answer import load_predictor, predict_study
 from ich.inference.outputs import Outputs
@@ -313,3 +314,15 @@ def test_evaluate_with_an_old_checkpoint_says_unknown_and_does_not_crash(old_mod
     assert written["training_source"] == UNKNOWN_SOURCE
     assert metrics["data/ood_series"] is None or math.isnan(metrics["data/ood_series"])
     assert "unknown: this checkpoint predates" in (tmp_path / "report.html").read_text()
+
+
+def test_a_model_of_image_folders_names_them_and_leaves_its_flag_unknown(cache_dir, tmp_path):
+    """PNG slices have no HU, positions or field of view: nothing to compare a study with, and said so."""
+    generate_images(tmp_path, patients=6, slices=3, size=32)
+    dm = make_datamodule(cache_dir, tmp_path, source="images", root=str(tmp_path), labels=str(tmp_path / "labels.csv"),
+                         image_size=32, encoding="window", encoding_window=[40, 80])
+    inputs = dm.inputs
+    assert training_source(inputs) == TrainingSource("Trained on data=images (PNG/JPG slices).", "real")
+    assert inputs["seen"]["figures"] == {}
+    ood, reason = flag([("", {"slice_spacing_mm": 1.0, "field_of_view_mm": 1.0})], inputs)
+    assert math.isnan(ood) and reason.startswith("unknown: its training data (data=images) gave no figures")

@@ -236,8 +236,10 @@ class ICHDataModule(pl.LightningDataModule):
     def seen(self) -> dict:
         """The figures of the training patients' series (ich.data.seen.seen_ranges), over every slice of them as
         indexed, whichever slices the task and the filters keep for training: a new series is read whole too. After
-        setup."""
+        setup. Image folders give none: no HU, no field of view, and their `slice` column counts slices, not mm."""
         index = self._full_index()
+        if self.source == "images":
+            return seen_ranges(pd.DataFrame())
         training = index[index["patient"].isin(self.tables["train"]["patient"])]
         return seen_ranges(series_figures(training))
 

@@ -82,13 +82,15 @@ def head_figures(hu: np.ndarray) -> dict[str, float]:
       pixels (SOFT_HU; their median absolute value x 1.4826 / sqrt 2 is the standard deviation of white noise, and
       the few edges between tissues do not move a median): a noisier scanner or a sharper kernel raises it.
 
-    Every fourth row is enough for a median and a share, as for brain_fraction.
+    A sample is enough for a median and a share: a quarter of the rows and columns for the head, as for
+    brain_fraction; every eighth row, whole, for the noise (neighbours must be next to each other). About 1-2 ms a
+    512 x 512 slice.
     """
-    rows = hu[::4]
-    sample = rows[:, ::4]
+    sample = hu[::4, ::4]
     head = sample[sample > HEAD_HU]
     if not head.size:
         return {"head_hu_median": math.nan, "head_brain_fraction": math.nan, "brain_noise_hu": math.nan}
+    rows = hu[::8]
     soft = (rows >= SOFT_HU[0]) & (rows <= SOFT_HU[1])
     steps = np.abs(np.diff(rows, axis=1)[soft[:, 1:] & soft[:, :-1]])
     return {

@@ -205,7 +205,7 @@ def ood_summary(table: pd.DataFrame) -> str:
     """An ood_table in one line: `3 of 12 series outside the training ranges (slice_spacing_mm 3, head_hu_median 1)`,
     or why none could be checked."""
     if table.empty:
-        return "no series to check"
+        return "no series with figures to compare (PNG/JPG folders have none)"
     if table["ood"].isna().all():
         return table["ood_reason"].iloc[0]
     counts = Counter(name for names in table["ood_figures"] for name in names.split(",") if name)
