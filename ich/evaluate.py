@@ -324,7 +324,7 @@ def study_flags(index: pd.DataFrame, study: pd.Series, inputs: dict) -> pd.DataF
     flags = ood_table(index, inputs)
     named = pd.DataFrame({"series": index["series"].to_numpy(), "study": study.to_numpy()}).dropna()
     flags = flags.join(named.drop_duplicates("series").set_index("series"), how="inner")
-    return flags.groupby("study").agg(ood=("ood", lambda values: values.max(skipna=True)),
+    return flags.groupby("study").agg(ood=("ood", "max"),  # nan only where every series is unknown
                                       ood_reason=("ood_reason", lambda said: "; ".join(sorted(set(filter(None, said))))))
 
 

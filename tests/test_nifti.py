@@ -323,6 +323,8 @@ def test_evaluate_against_study_level_truth(volume_run, dataset, tmp_path):
     assert metrics["test/exam_auroc"] == pytest.approx(roc_auc_score(studies["truth_any"], studies["prob_any"]))
     called = studies["prob_any"] >= metrics["test/exam_op_threshold"]
     assert (studies["called_any"] == called).all()
+    # the volumes were these very series: every study lies inside what the model saw (ich.data.seen)
+    assert (studies["ood"] == 0).all() and metrics["data/exams_ood"] == 0
     assert metrics["test/exam_op_sensitivity"] == pytest.approx(called[studies["truth_any"] == 1].mean())
     assert metrics["test/exam_op_specificity"] == pytest.approx(1 - called[studies["truth_any"] == 0].mean())
     assert metrics["test/exam_auroc_ci_low"] <= metrics["test/exam_auroc"] <= metrics["test/exam_auroc_ci_high"]

@@ -189,7 +189,8 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
         stacks = neighbour_rows(order, context)  # training's rule: true neighbours, the edge slice repeated
         positions = np.array([image.position for image in kept])
         probs, exam = model.series(hu, stacks, positions, scored)
-        results.append(SeriesResult(series, positions, probs, hu, stacks, exam, figures_of(series.key, positions, measured)))
+        figures = figures_of(series.key, positions, measured)
+        results.append(SeriesResult(series, positions, probs, hu, stacks, exam, figures))
     predicted = {id(result.series): result for result in results}  # Series are mutable: keyed by identity
     answer = StudyResult(study, results, [predicted[id(series)] for series in read_on([r.series for r in results])])
     for result in results:  # only the pixels of the series read are drawn; the others' are freed now

@@ -223,7 +223,7 @@ class Outputs:
         """Whether the study lies outside what the model saw in training, said above its numbers."""
         if row["ood"] == 1:
             return (f'<p class="ood">Out of distribution: {html.escape(row["ood_reason"])}. The model saw no series '
-                    "like it in training, so its probabilities here are not the ones its test measured.</p>")
+                    "like it in training: what its test measured does not hold here.</p>")
         if row["ood"] == 0:
             return ""
         return f'<p class="note">Out of distribution: {html.escape(row["ood_reason"])}.</p>'
