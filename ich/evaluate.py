@@ -29,6 +29,7 @@ from ich.core.tasks import LABELS, Task
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import add_slice_order
 from ich.data.encoding import parse_encoding_windows
+from ich.data.seen import TrainingSource, announce, ood_table
 from ich.data.windows import parse_windows, window_pairs
 from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
 from ich.evaluation.html_report import write_evaluation_report
@@ -68,12 +69,13 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
                          "run as ckpt_path.")
     run_dir = training_run_dir(checkpoint)
     inputs, trained = saved_inputs(model, checkpoint)
+    source = announce(inputs)
     data = data_config(cfg, trained, command_line_keys(overrides), run_dir, inputs)
     check_inputs(inputs, data)
     label = task.outputs[0] if task.name == "binary" else None
     datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
     if cfg.get("study_labels"):
-        return evaluate_studies(cfg, model, datamodule, output_dir)
+        return evaluate_studies(cfg, model, datamodule, output_dir, source)
     slices = datamodule  # what the report's tiles are read from
     if stage_two:
         datamodule = stage_two_data(model, slices, data)
@@ -99,7 +101,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if stage_two:
         metrics.update(exam_score_metrics(trainer, model, loader))
     metrics["data/slices_test"] = float(len(ids))
-    write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
+    flags = test_series_flags(slices, inputs, output_dir)
+    metrics.update(flag_counts(flags))
+    write_json(output_dir / "metrics.json", metrics, first={"training_source": source.text})
     table = predictions_table(task, ids, datamodule.tables["test"].set_index("image_id")["patient"], probs, targets)
     table.to_csv(output_dir / "predictions.csv", index=False)
     save_figures(output_dir, task, float(model.hparams.threshold), probs, targets)
@@ -107,7 +111,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     name = model.hparams.get("backbone", "sequence")
     write_evaluation_report(output_dir / "report.html", title=f"{task.name} / {name}: evaluation",
                             checkpoint=checkpoint, data=f"{data['source']} {data.get('root') or ''}".strip(),
-                            model=model, datamodule=slices, metrics=metrics, predictions=table)
+                            model=model, datamodule=slices, metrics=metrics, predictions=table, ood=flags)
 
     if test_dir is not None:
         write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)
@@ -208,6 +212,25 @@ def warn_if_seen_in_training(image_ids: pd.Series, split_csv: Path) -> None:
         )
 
 
+def test_series_flags(datamodule: ICHDataModule, inputs: dict, output_dir: Path) -> pd.DataFrame:
+    """Each test series' figures and whether it lies outside what the checkpoint saw in training (ich.data.seen),
+    written to series_ood.csv (series by pseudonym): on external data, how often and why the flag fires there. Image
+    folders have no figures (ICHDataModule.seen): none of their series is checked."""
+    index = datamodule.index
+    checked = datamodule.source != "images"
+    test = index[index["series"].isin(datamodule.tables["test"]["series"])] if checked else index.iloc[:0]
+    flags = ood_table(test, inputs)
+    flags.to_csv(output_dir / "series_ood.csv", float_format="%.6g")
+    return flags
+
+
+def flag_counts(flags: pd.DataFrame) -> dict[str, float]:
+    """metrics.json's counts of an ood_table: series checked, flagged, and their share (null when unknown)."""
+    checked = flags["ood"].dropna()
+    return {"data/series_test": float(len(flags)), "data/ood_series": float(checked.sum()) if len(checked) else math.nan,
+            "data/ood_series_share": float(checked.mean()) if len(checked) else math.nan}
+
+
 # --- predictions and what is made of them ---------------------------------------------------------
 
 
@@ -246,12 +269,14 @@ def submission_rows(ids: list[str], probs: torch.Tensor) -> pd.DataFrame:
 # --- study-level truth (CQ500) ---------------------------------------------------------------------
 
 
-def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path) -> dict[str, float]:
+def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataModule, output_dir: Path,
+                     source: TrainingSource) -> dict[str, float]:
     """Test a checkpoint against study-level truth instead of slice labels (CQ500: three radiologists' reads).
 
     Each study under `study_images` is read on the series predict.py reads it on (ich.inference.study.read_on); a study is
     an exam (ich.evaluation.exam) scored on `any` and called at the checkpoint's exam threshold. Writes metrics.json (exam
-    AUROC, sensitivity and specificity with intervals over resampled patients, as every interval) and exams.csv.
+    AUROC, sensitivity and specificity with intervals over resampled patients, as every interval; first, what the model
+    was trained on) and exams.csv, with each study's out-of-distribution flag as predict.py gives it.
     """
     if not isinstance(model, ICHLitModule):
         raise ValueError("study_labels tests the exam score of a slice model: pass a stage-1 checkpoint as ckpt_path.")
@@ -283,11 +308,24 @@ def evaluate_studies(cfg: DictConfig, model: ICHLitModule, datamodule: ICHDataMo
     metrics.update({"data/slices_test": float(len(ids)), "data/exams_positive": float(exams.truth.sum()),
                     "data/exams_unmatched": float(len(set(truth.index) - set(names))),
                     "data/exams_unlabelled": float(index.loc[study.isna(), "study"].nunique())})
-    write_json(output_dir / "metrics.json", dict(sorted(metrics.items())))
-    exam_table(exams, ("any",), threshold, keyed=False).to_csv(output_dir / "exams.csv", index=False,
-                                                                float_format="%.9g")
+    flags = study_flags(index, study, model.hparams.inputs)
+    metrics.update({"data/exams_ood": float(flags.loc[exams.study, "ood"].sum(min_count=1))})
+    write_json(output_dir / "metrics.json", metrics, first={"training_source": source.text})
+    table = exam_table(exams, ("any",), threshold, keyed=False)
+    table[["ood", "ood_reason"]] = flags.loc[exams.study, ["ood", "ood_reason"]].to_numpy()
+    table.to_csv(output_dir / "exams.csv", index=False, float_format="%.9g")
     print_metrics(metrics, title=f"{task.name} on {len(exams.study)} studies of {images} -> {output_dir}")
     return metrics
+
+
+def study_flags(index: pd.DataFrame, study: pd.Series, inputs: dict) -> pd.DataFrame:
+    """Per study of the truth CSV (by its id), `ood` and `ood_reason` over the series it is read on, as predict.py
+    flags a study: 1 when any of them lies outside the training ranges (ich.data.seen), nan when unknown."""
+    flags = ood_table(index, inputs)
+    named = pd.DataFrame({"series": index["series"].to_numpy(), "study": study.to_numpy()}).dropna()
+    flags = flags.join(named.drop_duplicates("series").set_index("series"), how="inner")
+    return flags.groupby("study").agg(ood=("ood", "max"),  # nan only where every series is unknown
+                                      ood_reason=("ood_reason", lambda said: "; ".join(sorted(set(filter(None, said))))))
 
 
 def read_study_labels(path: Path, id_column: str, reads: list[str]) -> pd.Series:

@@ -6,7 +6,8 @@ answered by ich.inference.answer.predict_study, as the DICOM node answers it. A 
 and the others go on. It streams: one study's pixels at a time, no index and no slice cache of the folder.
 
 Outputs, in the run's own folder (ich.inference.outputs): studies.csv, slices.csv, series.csv, skipped_files.csv,
-heatmaps/ and report.html, with pseudonyms unless keep_ids=true.
+heatmaps/ and report.html, with pseudonyms unless keep_ids=true. Each says first what the model was trained on, and
+flags a study outside what it saw in training (ich.data.seen).
 """
 
 import logging
@@ -16,6 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ich.data.seen import announce
 from ich.inference.answer import failure_reason, load_predictor, predict_study, require_study_inputs
 from ich.inference.outputs import Outputs
 from ich.inference.study import input_folder, scan_folder
@@ -32,6 +34,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     if int(cfg.min_slices) < 1 or int(cfg.batch_size) < 1:
         raise ValueError(f"min_slices={cfg.min_slices} and batch_size={cfg.batch_size} count slices: give each at least 1.")
     model = load_predictor(str(cfg.ckpt_path), int(cfg.batch_size))
+    announce(model.inputs)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     keep_ids = bool(cfg.keep_ids)

@@ -24,7 +24,8 @@ from ich.train import run as train
 # stays on one worker so that they are not built again on another.
 
 ROOT = CONFIG_DIR.parent
-FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png", "report.html")
+FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png", "report.html",
+         "series_ood.csv")
 
 
 def train_run(path, cache_dir, *overrides):
@@ -72,6 +73,8 @@ def test_writes_every_result_file(evaluation):
     for name in FILES:
         assert (output_dir / name).stat().st_size > 0, name
     written = json.loads((output_dir / "metrics.json").read_text())
+    # first what the model was trained on, then the metrics evaluate.py returned
+    assert written.pop("training_source").startswith("Trained on the synthetic phantom")
     assert written == pytest.approx({name: None if np.isnan(value) else value for name, value in metrics.items()})
 
 

@@ -152,6 +152,10 @@ def test_volumes_come_out_in_anatomical_order_with_the_hu_and_labels_of_the_dico
         np.testing.assert_array_equal(rows[list(LABELS)].to_numpy(), expected["labels"], err_msg=f"volume {number}")
         same = dicom[dicom["patient"] == pseudonym(expected["patient"])].sort_values("slice_index")
         np.testing.assert_allclose(rows["position"], same["position"], atol=1e-3)
+        # what a checkpoint's training ranges are made of (ich.data.seen) is the DICOM series' too
+        np.testing.assert_allclose(rows["field_of_view_mm"], same["field_of_view_mm"], atol=1e-3)
+        np.testing.assert_allclose(rows[["head_hu_median", "head_brain_fraction", "brain_noise_hu"]],
+                                   same[["head_hu_median", "head_brain_fraction", "brain_noise_hu"]], atol=0.5)
         for nifti_path, dicom_path in zip(rows["path"], same["path"]):
             np.testing.assert_allclose(read_hu(nifti_path), read_hu(dicom_path), atol=0.5)
     assert index["study"].nunique() == PATIENTS and (index.groupby("study")["series"].nunique() == 1).all()
@@ -318,6 +322,8 @@ def test_evaluate_against_study_level_truth(volume_run, dataset, tmp_path):
     assert metrics["test/exam_auroc"] == pytest.approx(roc_auc_score(studies["truth_any"], studies["prob_any"]))
     called = studies["prob_any"] >= metrics["test/exam_op_threshold"]
     assert (studies["called_any"] == called).all()
+    # the volumes were these very series: every study lies inside what the model saw (ich.data.seen)
+    assert (studies["ood"] == 0).all() and metrics["data/exams_ood"] == 0
     assert metrics["test/exam_op_sensitivity"] == pytest.approx(called[studies["truth_any"] == 1].mean())
     assert metrics["test/exam_op_specificity"] == pytest.approx(1 - called[studies["truth_any"] == 0].mean())
     assert metrics["test/exam_auroc_ci_low"] <= metrics["test/exam_auroc"] <= metrics["test/exam_auroc_ci_high"]

@@ -273,6 +273,7 @@ def test_a_study_comes_back_as_sr_and_secondary_captures_in_the_same_study(check
     assert outputs["any"][0] == pytest.approx(reference["prob_any"], abs=1e-6)
     assert outputs["any"][1] == pytest.approx(reference["threshold_any"], abs=1e-6)
     assert "not for diagnosis" in text_items(sr).lower()
+    assert "Trained on the synthetic phantom" in text_items(sr)  # what predict.py says first, said in the SR too
     assert evidence(sr) == {str(ds.SOPInstanceUID) for ds in study}
     results = pd.read_csv(tmp_path / "results" / pseudonym(study_uid) / "1" / "studies.csv")
     assert results["prob_any"].iloc[0] == pytest.approx(reference["prob_any"], abs=1e-6)

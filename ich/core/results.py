@@ -5,7 +5,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,12 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Metrics as JSON, atomically. NaN (a metric undefined on this data, such as AUROC without
+def write_json(path: Path, payload: dict, first: Mapping[str, str] | None = None) -> None:
+    """Metrics as JSON, atomically, sorted by name after the lines of `first`: what a reader must see before any
+    number (evaluate.py: what the model was trained on). NaN (a metric undefined on this data, such as AUROC without
     positives) becomes null: valid JSON."""
-    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in payload.items()}
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=2, sort_keys=True)))
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in sorted(payload.items())}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps({**(first or {}), **clean}, indent=2)))
 
 
 def print_metrics(metrics: dict[str, float], title: str) -> None:

@@ -31,6 +31,7 @@ from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, HUImageLoa
 from ich.data.encoding import ImageEncoding
 from ich.data.index import IndexSummary, add_slice_order, load_or_build_index
 from ich.data.nifti import VolumeSource
+from ich.data.seen import seen_ranges, series_figures, trained_on
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
 from ich.data.splits import STAGES, split_by_patient, undersample
 from ich.data.windows import Window, parse_windows, window_pairs
@@ -210,9 +211,10 @@ class ICHDataModule(pl.LightningDataModule):
     # -- what the model needs to know about its inputs --------------------------------------------
     @property
     def inputs(self) -> dict:
-        """How a slice becomes the model's input, and which Modality values were read as CT slices: saved in
-        checkpoints (ich.training.module), so that evaluation and prediction shape and admit new data exactly as training
-        did, and refuse data options that contradict it."""
+        """How a slice becomes the model's input, which Modality values were read as CT slices, and what the model
+        was trained on: saved in checkpoints (ich.training.module), so that evaluation and prediction shape and admit
+        new data exactly as training did, refuse data options that contradict it, and say where the model comes from
+        and which studies lie outside what it saw (ich.data.seen)."""
         windows = self.model_windows
         return {
             "source": "images" if self.source == "images" else "dicom",
@@ -225,7 +227,21 @@ class ICHDataModule(pl.LightningDataModule):
             "modalities": list(self.modalities),
             # slices with less brain than this are no test slices, so they count in no exam (ich.evaluation.exam)
             "min_brain_fraction": 0.0 if self.source == "images" else self.min_brain_fraction,
+            # what every report names first, and the ranges a new study's series are compared with (ich.data.seen)
+            "trained_on": trained_on(self.source, self.phantom),
+            "seen": self.seen,
         }
+
+    @property
+    def seen(self) -> dict:
+        """The figures of the training patients' series (ich.data.seen.seen_ranges), over every slice of them as
+        indexed, whichever slices the task and the filters keep for training: a new series is read whole too. After
+        setup. Image folders give none: no HU, no field of view, and their `slice` column counts slices, not mm."""
+        index = self._full_index()
+        if self.source == "images":
+            return seen_ranges(pd.DataFrame())
+        training = index[index["patient"].isin(self.tables["train"]["patient"])]
+        return seen_ranges(series_figures(training))
 
     @property
     def model_windows(self) -> tuple[Window, ...] | None:

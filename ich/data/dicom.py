@@ -79,6 +79,7 @@ class SliceHeader(PixelFormat):
     window_center: float  # first value (nan if missing)
     window_width: float  # first value (nan if missing)
     instance: float  # InstanceNumber (nan if missing): the slice order of a series without position tags
+    field_of_view: float  # mm (ich.data.dicom.field_of_view; nan without PixelSpacing)
 
 
 def first_float(value: object) -> float:
@@ -93,6 +94,19 @@ def first_float(value: object) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return math.nan
+
+
+def field_of_view(pixel_spacing: Sequence | None, rows: int, columns: int) -> float:
+    """The side (mm) of the square a slice is fitted into (fit_to_square): the larger of Rows x the spacing between
+    rows and Columns x the spacing between columns (PixelSpacing holds them in that order); nan without it.
+
+    The model sees that square at data.image_size pixels whatever the matrix, so the field of view, not PixelSpacing
+    alone, sets how large a head looks to it: 512 x 0.5 mm and 256 x 1 mm look alike, 512 x 0.7 mm does not.
+    """
+    if pixel_spacing is None or len(pixel_spacing) != 2:
+        return math.nan
+    between_rows, between_columns = (first_float(value) for value in pixel_spacing)
+    return float(np.max([rows * between_rows, columns * between_columns]))  # nan when either is
 
 
 def slice_position(image_position: Sequence | None, image_orientation: Sequence | None) -> float:
@@ -254,6 +268,7 @@ def _parse_header(path: str | Path, ds: Dataset, modalities: Sequence[str]) -> S
             window_center=first_float(ds.get("WindowCenter")),
             window_width=first_float(ds.get("WindowWidth")),
             instance=first_float(ds.get("InstanceNumber")),
+            field_of_view=field_of_view(ds.get("PixelSpacing"), pixel_format.rows, pixel_format.columns),
         )
     except Exception as err:  # tags are decoded lazily here, so any malformed value surfaces now
         raise _bad_header(path, err) from err

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ich.core.privacy import pseudonym
 from ich.core.tasks import LABELS, SUBTYPES
-from ich.data.dicom import AIR_HU, MAX_HU, UNPACKED_SUFFIX, error_line
-from ich.data.index import IndexSummary, add_slice_order, brain_fraction, cached_index, index_dir
+from ich.data.dicom import AIR_HU, MAX_HU, UNPACKED_SUFFIX, error_line, field_of_view
+from ich.data.index import IndexSummary, add_slice_order, brain_fraction, cached_index, head_figures, index_dir
 from ich.data.sources import check_unique_ids
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,8 @@ def unpack_volume(path: str, mask_path: str | None, out: str, first_slice: int, 
     stored_axis = int(np.flatnonzero(orientation[:, 0] == 2)[0])
     flipped = orientation[stored_axis, 1] < 0
     count = volume.shape[2]
+    # a slice's rows step along the volume's second axis, its columns along the first (below)
+    spacing = [float(np.linalg.norm(frame[:3, 1])), float(np.linalg.norm(frame[:3, 0]))]
     rows, unmapped = [], Counter()
     for k in range(count):
         number = (count - 1 - k if flipped else k) + first_slice  # as the file stores it, as a label CSV counts
@@ -368,6 +370,7 @@ def unpack_volume(path: str, mask_path: str | None, out: str, first_slice: int, 
             "position": float(normal @ (frame @ np.array([0.0, 0.0, k, 1.0]))[:3]), "instance": math.nan,
             "window_center": math.nan, "window_width": math.nan, "bits_stored": 16, "pixel_representation": 1,
             "rows": pixels.shape[0], "columns": pixels.shape[1], "brain_fraction": brain_fraction(pixels),
+            "field_of_view_mm": field_of_view(spacing, *pixels.shape), **head_figures(hu),
         }
         if mask is not None:
             labels, others = mask_slice_labels(mask[::-1, ::-1, k].T, mask_labels, min_pixels)

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve, binary_roc
 
 from ich.core.results import write_atomic
+from ich.data.seen import TrainingSource, ood_summary, training_source
 from ich.evaluation.operating import HEADLINE_LABEL, auroc, called, sensitivity_specificity
 from ich.evaluation.plots import confusion_counts, draw_confusion, draw_reliability
 
@@ -60,6 +61,12 @@ footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
 .verdict { font-weight: 600; } .verdict.positive { color: #a3121f; } .verdict.negative { color: #1d6b35; }
 p.verdict { font-size: 16px; margin: 4px 0 10px; }
 .tiles.heatmaps { grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); }
+p.banner { margin: 6px 0 14px; padding: 10px 14px; border-radius: 4px; font-size: 15px; }
+p.banner.synthetic { background: #a3121f; color: #fff; font-weight: 700; font-size: 17px; }
+p.banner.unknown { background: #fff3cd; color: #5c4400; border: 1px solid #e0b84c; font-weight: 600; }
+p.banner.real { background: var(--band); }
+.ood { color: #8a5a00; font-weight: 600; }
+p.ood { background: #fff3cd; border-left: 4px solid #d08a00; padding: 6px 10px; max-width: 62em; }
 @page { size: A4; margin: 12mm; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11px; }
@@ -125,6 +132,7 @@ def write_report(
     thresholds: Mapping[str, float] | None = None,
     fixed_threshold: float = 0.5,
     tiles: Mapping[str, Sequence[Tile]] | None = None,
+    source: TrainingSource | None = None,
 ) -> Path:
     """Write the evaluation's report.html (atomically) and return its path.
 
@@ -138,6 +146,7 @@ def write_report(
             None the figures mark `fixed_threshold` and say that no operating point was given.
         fixed_threshold: the threshold of `test/sensitivity` and `test/specificity` (the task's threshold).
         tiles: section title -> windowed slices and captions, worst first (see worst_cases).
+        source: what the model was trained on (ich.data.seen.training_source), the page's first line.
     """
     path = Path(path)
     if thresholds is not None and set(outputs) - set(thresholds):
@@ -148,6 +157,7 @@ def write_report(
     # the second mark on the curves: the fixed threshold, unless it is the only one or subtype's argmax decides
     fixed = None if categorical or thresholds is None else fixed_threshold
     body = "\n".join([
+        source_banner(source) if source is not None else "",
         _about_section(about, metrics, predictions, outputs),
         _metrics_section(metrics, predictions, outputs, fixed_threshold, categorical),
         _curves_section(predictions, outputs, points, fixed, thresholds is not None),
@@ -465,6 +475,11 @@ def page(title: str, body: str, footer: str = FOOTER) -> str:
 """
 
 
+def source_banner(source: TrainingSource) -> str:
+    """The training source as a page's first line: red for synthetic data, amber when the checkpoint does not say."""
+    return f'<p class="banner {source.level}">{html.escape(source.text)}</p>'
+
+
 def section(anchor: str, heading: str, body: str, note: str = "") -> str:
     """One titled section of a page, reachable as #anchor, with an optional muted note under its heading."""
     shown = f'<p class="note">{html.escape(note)}</p>' if note else ""
@@ -483,11 +498,14 @@ def _data_uri(png: bytes) -> str:
 
 
 def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | Path, data: str, model, datamodule,
-                            metrics: Mapping[str, float | None], predictions: pd.DataFrame, tiles_per_case: int = 8) -> Path:
-    """report.html of a tested checkpoint: the model's thresholds (the operating point) and, as tiles, the
-    worst false negatives and false positives of the headline output, read from the data module's test
-    split (the labelled slice itself, first window)."""
+                            metrics: Mapping[str, float | None], predictions: pd.DataFrame, tiles_per_case: int = 8,
+                            ood: pd.DataFrame | None = None) -> Path:
+    """report.html of a tested checkpoint: first what it was trained on, then the model's thresholds (the operating
+    point) and, as tiles, the worst false negatives and false positives of the headline output, read from the data
+    module's test split (the labelled slice itself, first window). `ood`: the test series' flags (ich.data.seen.ood_table),
+    summed up in the first table."""
     outputs = model.task.outputs
+    inputs = model.hparams.get("inputs") or {}
     thresholds = dict(zip(outputs, model.op_thresholds.cpu().tolist()))
     headline = HEADLINE_LABEL if HEADLINE_LABEL in outputs else outputs[0]
     test = datamodule.datasets["test"]
@@ -497,6 +515,9 @@ def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | P
     tiles = {heading: [(test.loader(int(test.stacks[row_of[image_id], centre]))[0], caption) for image_id, caption in rows]
              for heading, rows in cases.items()}
     skipped = ", ".join(f"{reason}: {count}" for reason, count in datamodule.summary.get("skipped", {}).items()) or "none"
-    return write_report(path, title=title, about={"checkpoint": str(checkpoint), "data": data, "skipped": skipped},
-                        metrics=metrics, predictions=predictions, outputs=outputs, thresholds=thresholds,
-                        fixed_threshold=float(model.hparams.threshold), tiles=tiles)
+    about = {"checkpoint": str(checkpoint), "data": data, "skipped": skipped}
+    if ood is not None:
+        about["out of distribution"] = ood_summary(ood)
+    return write_report(path, title=title, about=about, metrics=metrics, predictions=predictions, outputs=outputs,
+                        thresholds=thresholds, fixed_threshold=float(model.hparams.threshold), tiles=tiles,
+                        source=training_source(inputs))

@@ -18,7 +18,8 @@ import torch
 
 from ich.data.datamodule import neighbour_rows
 from ich.data.dicom import DicomReadError, read_hu, square_hu
-from ich.data.index import brain_fraction
+from ich.data.index import brain_fraction, head_figures
+from ich.data.seen import series_figures
 from ich.evaluation.exam import combine_series, series_exam_probabilities
 from ich.evaluation.operating import HEADLINE_LABEL, called
 from ich.inference.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
@@ -36,6 +37,7 @@ class SeriesResult:
     hu: np.ndarray  # int16 [N, S, S] as the model read them (kept for the figures of the series read)
     stacks: np.ndarray  # int [N, 2k+1]: each slice's context rows
     exam: np.ndarray  # float [K]: the series' exam probability per output (Predictor.exam_rule)
+    figures: dict[str, float]  # what training's series are compared on (ich.data.seen.series_figures)
 
 
 @dataclass
@@ -136,6 +138,12 @@ def require_study_inputs(model: Predictor) -> None:
                          "predates ich 2026-12): train it again with this version of ich.")
 
 
+def figures_of(key: str, positions: np.ndarray, measured: list[dict[str, float]]) -> dict[str, float]:
+    """A series' figures from its slices as read (in position order), by the rule that made training's."""
+    slices = pd.DataFrame(measured).assign(series=key, position=positions, slice_index=np.arange(len(positions)))
+    return series_figures(slices).iloc[0].to_dict()
+
+
 def failure_reason(err: Exception) -> str:
     """Why a study failed, in one line without identifiers: paths and UIDs in the message are replaced."""
     text = re.sub(r"\S*[/\\]\S*", "<path>", " ".join(str(err).split()))
@@ -155,11 +163,12 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
     size, context = int(model.inputs["image_size"]), int(model.inputs["context"])
     min_brain = float(model.inputs["min_brain_fraction"])
     for series in study.eligible:
-        planes, kept, brain = [], [], []
+        planes, kept, brain, measured = [], [], [], []
         for image in series.slices:
             try:
                 hu = read_hu(image.path)
                 brain.append(brain_fraction(hu))  # at full resolution, as the index measures it for training
+                measured.append({"field_of_view_mm": image.field_of_view, **head_figures(hu)})
                 planes.append(square_hu(hu, size))
                 kept.append(image)
             except DicomReadError as err:
@@ -180,7 +189,8 @@ def predict_study(study: Study, model: Predictor, min_slices: int) -> StudyResul
         stacks = neighbour_rows(order, context)  # training's rule: true neighbours, the edge slice repeated
         positions = np.array([image.position for image in kept])
         probs, exam = model.series(hu, stacks, positions, scored)
-        results.append(SeriesResult(series, positions, probs, hu, stacks, exam))
+        figures = figures_of(series.key, positions, measured)
+        results.append(SeriesResult(series, positions, probs, hu, stacks, exam, figures))
     predicted = {id(result.series): result for result in results}  # Series are mutable: keyed by identity
     answer = StudyResult(study, results, [predicted[id(series)] for series in read_on([r.series for r in results])])
     for result in results:  # only the pixels of the series read are drawn; the others' are freed now

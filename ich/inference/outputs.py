@@ -20,7 +20,8 @@ from rich.table import Table
 
 from ich.core.privacy import pseudonym
 from ich.core.results import write_atomic
-from ich.evaluation.html_report import figure_tag, page, section, tile_tag
+from ich.data.seen import FIGURES, TrainingSource, flag, not_checked, training_source
+from ich.evaluation.html_report import figure_tag, page, section, source_banner, tile_tag
 from ich.evaluation.operating import called
 from ich.inference.answer import Predictor, SeriesResult, StudyResult, headline_output, verdict
 from ich.inference.heatmap import BRAIN, grad_cam, last_stage, side_by_side
@@ -47,6 +48,7 @@ class Outputs:
         self.skipped: list[dict] = []
         self.sections: list[str] = []
         self.stage = last_stage(model.module) if model.module is not None and heatmaps > 0 else None
+        self.source = training_source(model.inputs)  # what every output says first
         (output_dir / "heatmaps").mkdir(exist_ok=True)
 
     def ids(self, study: Study) -> dict:
@@ -83,11 +85,11 @@ class Outputs:
 
     def study_row(self, result: StudyResult, failed: str = "") -> dict:
         study, read = result.study, result.read
-        row = {"study": study.key, "patient": study.patient, **self.ids(study)}
+        row = {"training_source": self.source.text, "study": study.key, "patient": study.patient, **self.ids(study)}
         if not read:
             text = f"failed: {failed}" if failed else "not read: no usable axial CT series"
             row.update(verdict=text, positive=np.nan, slices=0, series="", series_key="", covered_mm=np.nan,
-                       contrast=np.nan)
+                       contrast=np.nan, ood=np.nan, ood_reason="")
             row.update({f"prob_{label}": np.nan for label in self.labels})
         else:
             exam = result.exam
@@ -98,6 +100,7 @@ class Outputs:
                        series_key=";".join(r.series.key for r in read),
                        covered_mm=round(covered_mm([r.series for r in read]), 1), contrast=int(contrast))
             row.update({f"prob_{label}": float(p) for label, p in zip(self.labels, exam)})
+            row["ood"], row["ood_reason"] = flag([(r.series.name, r.figures) for r in read], self.model.inputs)
             decided = called(exam, self.exam_thresholds)
             row.update({f"called_{label}": int(on) for label, on in zip(self.labels, decided)})
         row.update({f"threshold_{label}": float(t) for label, t in zip(self.labels, self.exam_thresholds)})
@@ -133,6 +136,7 @@ class Outputs:
         rows = []
         for series in result.study.series:
             r = predicted.get(id(series))
+            ood, reason = (np.nan, "") if r is None else flag([("", r.figures)], self.model.inputs)
             rows.append({
                 "study": result.study.key, "series": series.key, "number": series.number,
                 "role": role(series, r, result),
@@ -142,6 +146,8 @@ class Outputs:
                 "kernel": series.kernel, "contrast": int(series.contrast), "from_mm": round(series.span[0], 2),
                 "to_mm": round(series.span[1], 2),
                 **{f"prob_{label}": np.nan if r is None else float(r.exam[k]) for k, label in enumerate(self.labels)},
+                **{name: np.nan if r is None else r.figures.get(name, np.nan) for name in FIGURES},
+                "ood": ood, "ood_reason": reason,
             })
         return rows
 
@@ -194,7 +200,8 @@ class Outputs:
             body = f'<p class="verdict none">{html.escape(row["verdict"])}</p>' + self.skipped_html(study)
             return section(f"study-{study.key}", name, body)
         kind = "positive" if row["positive"] else "negative"
-        parts = [f'<p class="verdict {kind}">{html.escape(row["verdict"])}</p>', self.outputs_table(row)]
+        parts = [f'<p class="verdict {kind}">{html.escape(row["verdict"])}</p>', self.ood_note(row),
+                 self.outputs_table(row)]
         names = " and ".join(f"<b>{html.escape(r.series.describe())}</b>" for r in read)
         parts.append(f"<p>Read on {names}, covering {row['covered_mm']:g} mm of the head along the slice normal: "
                      "the series the rule picks (plain before contrast, a soft-tissue kernel, the thickness closest "
@@ -211,6 +218,15 @@ class Outputs:
             parts.append(f'<h3>Most suspicious slices</h3><div class="tiles heatmaps">{grid}</div>')
         parts.append(self.skipped_html(study))
         return section(f"study-{study.key}", name, "".join(parts))
+
+    def ood_note(self, row: dict) -> str:
+        """Whether the study lies outside what the model saw in training, said above its numbers."""
+        if row["ood"] == 1:
+            return (f'<p class="ood">Out of distribution: {html.escape(row["ood_reason"])}. The model saw no series '
+                    "like it in training: what its test measured does not hold here.</p>")
+        if row["ood"] == 0:
+            return ""
+        return f'<p class="note">Out of distribution: {html.escape(row["ood_reason"])}.</p>'
 
     def outputs_table(self, row: dict) -> str:
         head = ('<thead><tr><th>output</th><th class="num">exam probability</th><th class="num">threshold</th>'
@@ -285,9 +301,22 @@ class Outputs:
                        f"{sum(row['role'] == 'skipped' for row in self.series):,} skipped"
                        + _reasons(Counter(row["reason"] for row in self.series if row["reason"]))),
             ("heat maps", self.heatmap_note()),
+            ("out of distribution", self.ood_line()),
         ]
         cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows)
         return section("about", "What was read", f'<table class="about">{cells}</table>')
+
+    def ood_line(self) -> str:
+        """How many studies lie outside the training ranges, and what is compared."""
+        unknown = not_checked(self.model.inputs)
+        if unknown:
+            return unknown
+        flagged = sum(1 for row in self.studies if row["ood"] == 1)
+        seen = self.model.inputs["seen"]
+        return (f"{flagged:,} of {sum(1 for row in self.studies if row['slices']):,} studies read lie outside the "
+                f"ranges of the {seen['series']:,} training series: {', '.join(seen['figures'])} (ood in studies.csv, "
+                "each series' figures in series.csv). Inside every range is no promise: anatomy and findings unlike "
+                "training's are not compared.")
 
     def overview_section(self) -> str:
         head = "".join(f'<th class="num">p({html.escape(label)})</th>' for label in self.labels)
@@ -298,8 +327,9 @@ class Outputs:
             kind = "positive" if row["positive"] == 1 else "negative" if row["positive"] == 0 else "none"
             rows.append(f'<tr><td><a href="#study-{row["study"]}">{html.escape(study_name(row, self.keep_ids))}</a></td>'
                         f'<td class="verdict {kind}">{html.escape(row["verdict"])}</td>{probabilities}'
-                        f'<td>{html.escape(row["series"])}</td></tr>')
-        table = (f"<table><thead><tr><th>study</th><th>verdict</th>{head}<th>read on</th></tr></thead>"
+                        f'<td>{html.escape(row["series"])}</td>{ood_cell(row)}</tr>')
+        table = (f"<table><thead><tr><th>study</th><th>verdict</th>{head}<th>read on</th>"
+                 "<th>out of distribution</th></tr></thead>"
                  f"<tbody>{''.join(rows)}</tbody></table>")
         note = (f"p(...): the study's exam probability, {self.model.exam_rule}, on the series it is read on. "
                 f"Decisions at the thresholds of the about table ({self.operating_point()}).")
@@ -332,12 +362,20 @@ class Outputs:
         _write_csv(self.output_dir / "series.csv", pd.DataFrame(self.series))
         _write_csv(self.output_dir / "skipped_files.csv",
                    pd.DataFrame(self.skipped, columns=["study", "series", "file", "reason", "detail"]))
-        body = "\n".join([self.about_section(scan, input_path), self.overview_section(), *self.sections,
+        body = "\n".join([source_banner(self.source), self.about_section(scan, input_path), self.overview_section(),
+                          *self.sections,
                           self.loose_section(scan, scan.root)])
         document = page(f"Prediction: {len(scan.studies)} studies", body, footer=FOOTER)
         report = self.output_dir / "report.html"
         write_atomic(report, lambda tmp: tmp.write_text(document, encoding="utf-8"))
-        print_studies(studies, self.labels, self.keep_ids, self.output_dir)
+        print_studies(studies, self.labels, self.keep_ids, self.output_dir, self.source)
+
+
+def ood_cell(row: dict) -> str:
+    """A study's flag in the overview: its reason when outside, no when inside, a dash when unknown or not read."""
+    if row["ood"] == 1:
+        return f'<td class="ood">yes: {html.escape(row["ood_reason"])}</td>'
+    return "<td>no</td>" if row["ood"] == 0 else "<td>\u2013</td>"
 
 
 def role(series: Series, result: SeriesResult | None, study: StudyResult) -> str:
@@ -368,13 +406,17 @@ def study_name(row: dict, keep_ids: bool) -> str:
     return name
 
 
-def print_studies(studies: pd.DataFrame, labels: tuple[str, ...], keep_ids: bool, output_dir: Path) -> None:
-    table = Table(title=f"{len(studies)} studies -> {output_dir}")
-    for column in ("study", "verdict", *(f"p({label})" for label in labels), "read on"):
+def print_studies(studies: pd.DataFrame, labels: tuple[str, ...], keep_ids: bool, output_dir: Path,
+                  source: TrainingSource) -> None:
+    """The studies on the console, under the training source (in red when it is synthetic or unknown)."""
+    table = Table(title=f"{len(studies)} studies -> {output_dir}", caption=source.text,
+                  caption_style="bold red" if source.loud else "")
+    for column in ("study", "verdict", *(f"p({label})" for label in labels), "read on", "ood"):
         table.add_column(column, justify="right" if column.startswith("p(") else "left")
     for row in studies.to_dict("records"):
         probabilities = [f"{row[f'prob_{label}']:.3f}" if row["slices"] else "-" for label in labels]
-        table.add_row(study_name(row, keep_ids), row["verdict"], *probabilities, row["series"])
+        ood = "yes" if row["ood"] == 1 else "no" if row["ood"] == 0 else "-"
+        table.add_row(study_name(row, keep_ids), row["verdict"], *probabilities, row["series"], ood)
     Console().print(table)
 
 

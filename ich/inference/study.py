@@ -34,7 +34,8 @@ from pydicom.dataset import Dataset
 from tqdm.auto import tqdm
 
 from ich.core.privacy import pseudonym
-from ich.data.dicom import CT_ONLY, DicomReadError, admitted_modalities, first_float, read_hu, slice_position, tag_value
+from ich.data.dicom import (CT_ONLY, DicomReadError, admitted_modalities, field_of_view, first_float, read_hu,
+                            slice_position, tag_value)
 from ich.data.order import slice_order
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
@@ -78,6 +79,7 @@ class ImageFile:
     position: float = math.nan  # mm along the slice normal (ich.data.dicom.slice_position)
     instance: float = math.nan  # InstanceNumber: the order of a series whose positions do not tell slices apart
     thickness: float = math.nan  # SliceThickness, mm
+    field_of_view: float = math.nan  # mm (ich.data.dicom.field_of_view)
     kernel: str = ""  # ConvolutionKernel, its values joined by "/"
     description: str = ""  # SeriesDescription
     contrast_agent: str = ""  # ContrastBolusAgent (0018,0010)
@@ -133,9 +135,14 @@ class Series:
         positions = [image.position for image in self.slices if not math.isnan(image.position)]
         return (min(positions), max(positions)) if positions else (math.nan, math.nan)
 
+    @property
+    def name(self) -> str:
+        """`series 3`: how a radiologist finds it (no identifier)."""
+        return f"series {self.number}" if self.number else "series (no number)"
+
     def describe(self) -> str:
         """`series 3: 40 slices, 5 mm, kernel H31s, 0.0 to 195.0 mm`, the words a radiologist finds it by."""
-        name = f"series {self.number}" if self.number else "series (no number)"
+        name = self.name
         if not self.slices:
             return name
         thickness = "" if math.isnan(self.thickness) else f", {self.thickness:g} mm"
@@ -413,6 +420,8 @@ def _classify(path: Path, ds: Dataset, preamble: bool, modalities: frozenset[str
     kernel = "/".join(str(value).strip() for value in _values(ds.get("ConvolutionKernel")))
     return ImageFile(position=slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
                      instance=first_float(ds.get("InstanceNumber")), thickness=first_float(ds.get("SliceThickness")),
+                     field_of_view=field_of_view(ds.get("PixelSpacing"), int(tag_value(ds, "Rows", 0) or 0),
+                                                 int(tag_value(ds, "Columns", 0) or 0)),
                      kernel=kernel, description=str(ds.get("SeriesDescription", "") or "").strip(),
                      contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(), **known)
 

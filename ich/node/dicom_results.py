@@ -3,7 +3,8 @@ images of the most suspicious slices, built with highdicom.
 
 Both carry the input's StudyInstanceUID and its patient and study attributes (highdicom copies them from the
 referenced images), in new series with new UIDs under `serve.uid_root`. The SR says what predict.py says of the
-study: the finding, each output's exam probability against its threshold, the operating point, the series read
+study: what the model was trained on (first, after the notice), the finding, whether the study lies outside what the
+model saw in training, each output's exam probability against its threshold, the operating point, the series read
 and its range, and the model; a later answer to the same study names the one it replaces.
 """
 
@@ -21,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ich import __version__
 from ich.core.results import file_digest
+from ich.data.seen import flag
 from ich.evaluation.operating import called
 from ich.inference.answer import Predictor, StudyResult, verdict
 from ich.inference.deploy import description_path
@@ -74,6 +76,8 @@ CHECKPOINT = code("CKPT-SHA256", "Checkpoint SHA-256")
 TASK = code("TASK", "Task")
 REPLACES = code("REPLACES", "Replaces the result series")
 NOTICE_CODE = code("NOTICE", "Notice")
+TRAINING_SOURCE = code("TRAINING-SOURCE", "Training source")
+OUT_OF_DISTRIBUTION = code("OOD", "Out of distribution")
 UNITLESS, MM = Code("1", "UCUM", "no units"), Code("mm", "UCUM", "millimeter")
 
 
@@ -112,15 +116,20 @@ def yes_no(value: bool) -> Code:
 
 def sr_content(result: StudyResult, model: Predictor, outputs: Outputs, about: ModelIdentity,
                replaces: str | None) -> Dataset:
-    """The SR's content tree: notice, finding, outputs, operating point, series read, model, what it replaces."""
+    """The SR's content tree: notice, what the model was trained on, finding, whether the study lies outside what
+    it saw in training, outputs, operating point, series read, model, what it replaces."""
     exam, thresholds = result.exam, outputs.exam_thresholds
     text, positive = verdict(model.labels, model.task, exam, thresholds)
     finding = HEMORRHAGE if positive else NO_HEMORRHAGE
+    ood, reason = flag([(r.series.name, r.figures) for r in result.read], model.inputs)
     items = [
         hd.sr.TextContentItem(NOTICE_CODE, NOTICE_TEXT, relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(TRAINING_SOURCE, outputs.source.text, relationship_type="CONTAINS"),
         hd.sr.CodeContentItem(FINDING, finding, relationship_type="CONTAINS"),
         hd.sr.TextContentItem(code("VERDICT", "Verdict"), text, relationship_type="CONTAINS"),
         hd.sr.CodeContentItem(POSITIVE, yes_no(positive), relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(OUT_OF_DISTRIBUTION, {1: f"yes: {reason}", 0: "no: inside every training range"}.get(
+            ood, reason), relationship_type="CONTAINS"),
     ]
     for label, probability, threshold in zip(model.labels, exam, thresholds):
         items.append(contains(hd.sr.ContainerContentItem(OUTPUT, relationship_type="CONTAINS"), [

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydicom.dataset import Dataset
 
 from ich.data.dicom import admitted_modalities
+from ich.data.seen import announce
 from ich.inference.answer import failure_reason, load_predictor, predict_study, require_study_inputs
 from ich.inference.outputs import Outputs
 from ich.inference.study import Scan, group_studies, read_image_header
@@ -82,6 +83,7 @@ class Node:
         self.results_dir = Path(serve.results_dir).expanduser()
         self.model = load_predictor(str(cfg.ckpt_path), int(serve.batch_size))
         require_study_inputs(self.model)
+        announce(self.model.inputs)
         self.admitted = admitted_modalities(self.model.inputs["modalities"])
         self.about = model_identity(self.model)
         self.arrivals = Arrivals()

@@ -175,8 +175,9 @@ class ICHLitModule(SliceClassifier):
         precision: the trainer's precision its test stage predicted at (`bf16-mixed`, `32-true`, ...), which
             prediction (ich.inference.deploy) takes too, so that a study gets the test stage's probabilities.
         inputs: how the data module shapes a slice (ICHDataModule.inputs: the source's encoding, the windows (None:
-            images of an unknown window), context, image size, channels); data: the training run's data config. Both only travel in the checkpoint, so
-            evaluation and prediction need nothing but the .ckpt file.
+            images of an unknown window), context, image size, channels) and what the model was trained on (its
+            training source and the figures of its training series, ich.data.seen); data: the training run's data
+            config. Both only travel in the checkpoint, so evaluation and prediction need nothing but the .ckpt file.
     """
 
     def __init__(
