@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 
 # Before anything imports timm, wandb or albumentations: no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -24,10 +25,23 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from ich import CONFIG_DIR  # noqa: E402
+
+@contextmanager
+def one_thread():
+    """Train on one thread: a tiny model's weights, and so its verdicts on the phantom, then do not depend on how
+    many cores or xdist workers the run has (a sum over 2 threads rounds otherwise than over 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 # A phantom small enough to write and train on in seconds, big enough for three non-empty splits.
 SMALL_PHANTOM = ["data.phantom.patients=10", "data.phantom.slices=6", "data.phantom.size=128"]

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import FAST_RUN, compose_config, open_in_chromium
+from conftest import FAST_RUN, compose_config, one_thread, open_in_chromium
 from ich.core.privacy import pseudonym
 from ich.data.phantom import generate
 from ich.export import export as export_file
@@ -30,7 +30,7 @@ from ich.inference.study import ImageFile, Series, choice_key, input_folder, sca
 from ich.predict import run as predict_run
 from ich.train import run as train
 
-# Its module fixtures train or write the data once; under pytest-xdist (`--dist loadgroup`) the module
+# Its module fixtures train or write the data once; under pytest-xdist (`--dist loadfile`) the module
 # stays on one worker so that they are not built again on another.
 
 IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
@@ -185,7 +185,8 @@ def trained(cache_dir, tmp_path_factory):
                                    "data.phantom.patients=80", "data.phantom.slices=8", "data.phantom.size=64",
                                    "data.batch_size=16", "optimizer.lr=0.003", "trainer.max_epochs=8",
                                    "trainer.precision=32-true", "test=false"])
-    train(cfg)
+    with one_thread():
+        train(cfg)
     return path
 
 

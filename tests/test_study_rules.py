@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import ich.inference.answer
-from conftest import FAST_RUN, compose_config
+from conftest import FAST_RUN, compose_config, one_thread
 from ich.core.privacy import pseudonym
 from ich.data.phantom import plan_patients, render_series
 from ich.evaluate import run as evaluate
@@ -212,11 +212,11 @@ def trained(cache_dir, tmp_path_factory):
     """A run folder of a tiny model trained on phantom DICOMs (64 px, one slice of context on each side)."""
     path = tmp_path_factory.mktemp("train")
     quick = [o for o in FAST_RUN if not o.startswith(("data.phantom.", "trainer.max_epochs", "data.batch_size"))]
-    train(compose_config("train", [*quick, f"output_dir={path}", f"data.cache_dir={cache_dir}", "data.context=1",
-                                   "data.phantom.patients=80", "data.phantom.slices=8", "data.phantom.size=64",
-                                   "data.batch_size=16", "optimizer.lr=0.003", "trainer.max_epochs=8",
-                                   "trainer.precision=32-true", "test=false",
-                                   "task.operating_point=youden"]))
+    with one_thread():
+        train(compose_config("train", [*quick, f"output_dir={path}", f"data.cache_dir={cache_dir}", "data.context=1",
+                                       "data.phantom.patients=80", "data.phantom.slices=8", "data.phantom.size=64",
+                                       "data.batch_size=16", "optimizer.lr=0.003", "trainer.max_epochs=8",
+                                       "trainer.precision=32-true", "test=false", "task.operating_point=youden"]))
     return path
 
 
