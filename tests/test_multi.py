@@ -180,3 +180,11 @@ def test_a_run_that_holds_a_source_out_tests_on_it_alone(cache_dir, tmp_path):
     assert set(split.loc[split["split"] == "test", "source"]) == {"b"}
     assert metric_sources(metrics) == ["b"]
     assert metrics["data/b/patients_test"] == metrics["data/patients_test"] == 6
+
+
+def test_prepare_indexes_every_source(cache_dir, capsys):
+    from ich.prepare import main
+
+    main(compose_config("prepare", [override for override in SITE_OVERRIDES if override.startswith("data")]))
+    printed = capsys.readouterr().out
+    assert printed.count("Index: ") == 2 and "files found: 60" in printed and "files found: 36" in printed
