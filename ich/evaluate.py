@@ -28,13 +28,14 @@ from ich.core.runs import checkpoint_file, data_config, saved_inputs, training_r
 from ich.core.tasks import LABELS, Task
 from ich.data.datamodule import ICHDataModule
 from ich.data.index import add_slice_order
+from ich.data.multi import data_parts
 from ich.data.encoding import parse_encoding_windows
 from ich.data.seen import TrainingSource, announce, ood_table
 from ich.data.windows import parse_windows, window_pairs
 from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
 from ich.evaluation.html_report import write_evaluation_report
 from ich.evaluation.metrics import metrics_at_once
-from ich.evaluation.operating import honest_metrics, slice_groups
+from ich.evaluation.operating import honest_metrics, slice_groups, source_metrics
 from ich.evaluation.plots import save_figures, save_reliability_diagram
 from ich.inference.study import files_read
 from ich.training.module import ICHLitModule, SliceClassifier, predict_logits
@@ -71,7 +72,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     inputs, trained = saved_inputs(model, checkpoint)
     source = announce(inputs)
     data = data_config(cfg, trained, command_line_keys(overrides), run_dir, inputs)
-    check_inputs(inputs, data)
+    for part in data_parts(data):  # each source of data=multi
+        check_inputs(inputs, part)
     label = task.outputs[0] if task.name == "binary" else None
     datamodule = ICHDataModule(task=task.name, label=label, output_dir=str(output_dir), **data)
     if cfg.get("study_labels"):
@@ -95,6 +97,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     patients, _ = slice_groups(table, ids)
     temperature = float(model.temperature)
     metrics.update(honest_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
+                                  resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
+    metrics.update(source_metrics(task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, table, ids,
                                   resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
     exams = stage_exams(model, trainer, loader, table, ids, logits, targets)
     metrics.update(report_exams(task, exams, model.exam_thresholds(), output_dir, int(cfg.bootstrap), int(cfg.seed)))

@@ -26,7 +26,7 @@ from ich.core.runs import resume_checkpoint, training_run_dir
 from ich.data.datamodule import ICHDataModule
 from ich.evaluation.exam import report_exams, stage_exams
 from ich.evaluation.html_report import write_evaluation_report
-from ich.evaluation.operating import honest_metrics, slice_groups
+from ich.evaluation.operating import honest_metrics, slice_groups, source_metrics
 from ich.evaluation.plots import save_reliability_diagram
 from ich.models.backbone import check_backbone_name
 from ich.training.callbacks import WANDB_RUN_ID_KEY, WandbRunId
@@ -299,6 +299,8 @@ def operating_point_metrics(cfg: DictConfig, predictor: pl.Trainer, model: ICHLi
     save_reliability_diagram(output_dir / "reliability.png", model.task, logits, targets, temperature)
     honest = honest_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, patients,
                             resamples=int(cfg.bootstrap), seed=int(cfg.seed))
+    honest.update(source_metrics(model.task, logits, targets, model.op_thresholds.cpu().numpy(), temperature, table,
+                                 ids, resamples=int(cfg.bootstrap), seed=int(cfg.seed)))
     exams = stage_exams(model, predictor, loader, table, ids, logits, targets)
     honest.update(report_exams(model.task, exams, model.exam_thresholds(), output_dir, int(cfg.bootstrap),
                                int(cfg.seed)))

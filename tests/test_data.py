@@ -246,7 +246,7 @@ def test_images_source_reads_windowed_pngs_and_counts_missing_files(cache_dir, t
 
 
 def test_unknown_source_and_missing_root_are_one_sentence(tmp_path):
-    with pytest.raises(ValueError, match="data=phantom, data=rsna, data=images or data=nifti"):
+    with pytest.raises(ValueError, match="data=phantom, data=rsna, data=images, data=nifti or data=multi"):
         ICHDataModule(source="kaggle")
     with pytest.raises(ValueError, match="needs data.root"):
         ICHDataModule(source="rsna")

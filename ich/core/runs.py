@@ -15,7 +15,7 @@ LAST = "last"
 INPUT_KEYS = ("windows", "context", "image_size")
 # Data keys that say which slices these are: when one differs from training's, it is another dataset.
 IDENTITY = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
-            "label_columns", "first_slice", "patient_pattern")
+            "label_columns", "first_slice", "patient_pattern", "sources")
 PATH_KEYS = ("root", "image_dir", "labels", "masks")
 # Data keys of image folders (conf/data/images.yaml) that say what their pixels are (ich.data.encoding).
 ENCODING_KEYS = ("encoding", "encoding_window", "hu_scale", "hu_offset", "hu_clip")

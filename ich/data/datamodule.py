@@ -30,15 +30,16 @@ from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, HUImageLoa
                               SliceDataset, as_bytes, collate_skipping, init_worker)
 from ich.data.encoding import ImageEncoding
 from ich.data.index import IndexSummary, add_slice_order, load_or_build_index
+from ich.data.multi import READERS, SourceLoaders, check_same_inputs, combine_indices, source_configs, starts_of
 from ich.data.nifti import VolumeSource
 from ich.data.seen import seen_ranges, series_figures, trained_on
 from ich.data.sources import find_rsna_images, find_rsna_labels, read_image_table, read_rsna_labels
-from ich.data.splits import STAGES, split_by_patient, undersample
+from ich.data.splits import STAGES, equal_sources, split_by_patient, split_by_source, undersample
 from ich.data.windows import Window, parse_windows, window_pairs
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("phantom", "rsna", "images", "nifti")
+SOURCES = READERS
 
 
 def phantom_root(cache_dir: Path, settings: dict) -> Path:
@@ -128,7 +129,8 @@ def resolve_workers(num_workers: int | str, devices: int = 1, on_cpu: bool = Fal
 
 
 class ICHDataModule(pl.LightningDataModule):
-    """Data for one task from one source; every argument is a `data.*` key of the config (see conf/data)."""
+    """Data for one task from one source, or from several (`source="multi"`: one data module per source of
+    `sources`, read into one index); every argument is a `data.*` key of the config (see conf/data)."""
 
     def __init__(
         self,
@@ -166,12 +168,19 @@ class ICHDataModule(pl.LightningDataModule):
         hu_scale: float = 1.0,
         hu_offset: float = 0.0,
         hu_clip: list[float] | None = None,
+        sources: dict | None = None,
+        test_sources: list[str] = (),
+        balance_sources: bool = False,
         output_dir: str | None = None,
     ):
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"Unknown data.source '{source}': choose data=phantom, data=rsna, data=images or data=nifti.")
-        if source != "phantom" and not root:
+        if source not in (*SOURCES, "multi"):
+            raise ValueError(f"Unknown data.source '{source}': choose data=phantom, data=rsna, data=images, data=nifti "
+                             "or data=multi.")
+        if source != "multi" and (test_sources or balance_sources):
+            raise ValueError("data.test_sources and data.balance_sources are about the sources of data=multi: pick "
+                             "data=multi with data.sources, or leave them out.")
+        if source not in ("phantom", "multi") and not root:
             raise ValueError(f"data={source} needs data.root=DIR, the folder that holds the dataset.")
         if balance not in ("none", "undersample"):
             raise ValueError(f"Unknown data.balance '{balance}': use none or undersample.")
@@ -202,11 +211,34 @@ class ICHDataModule(pl.LightningDataModule):
             self.root / (image_dir or ""), self.root / labels if labels else None, self.root / masks if masks else None,
             dict(mask_labels or {}), int(min_mask_pixels), dict(label_columns or {}), int(first_slice), patient_pattern)
         self.output_dir = Path(output_dir) if output_dir else None
+        self.test_sources, self.balance_sources = tuple(test_sources or ()), bool(balance_sources)
+        # data=multi: one data module per source, each indexing and reading its slices as it would alone
+        self.parts: dict[str, ICHDataModule] = {}
+        if source == "multi":
+            shared = dict(cache_dir=cache_dir, cache=cache, windows=windows, context=context, image_size=image_size,
+                          modalities=modalities)
+            self.parts = {name: ICHDataModule(task=task, label=label, **config)
+                          for name, config in source_configs(sources, shared).items()}
+            self._adopt_inputs()
+        self._images = source == "images" or bool(self.parts) and all(p.source == "images" for p in self.parts.values())
         self.datasets: dict[str, SliceDataset] = {}
         self.tables: dict[str, pd.DataFrame] = {}
         self.summary: dict = {}
         self._index: pd.DataFrame | None = None  # every usable slice of the source, read once a run
         self._slice_cache: SliceCache | None = None
+
+    def _adopt_inputs(self) -> None:
+        """The inputs every source makes alike (or a refusal naming the key that differs), as this module's own."""
+        made = {name: {"windows": None if part.model_windows is None else window_pairs(part.model_windows),
+                       "context": part.context, "image size": part.image_size}
+                for name, part in self.parts.items()}
+        windowed = [part.encoding.kind for part in self.parts.values() if part.source == "images"]
+        key = "windows" if all(kind == "hu" for kind in windowed) else "encoding_window"
+        check_same_inputs(made, {"windows": key, "context": "context", "image size": "image_size"})
+        first = next(iter(self.parts.values()))
+        self.windows, self.context, self.image_size = first.windows, first.context, first.image_size
+        if all(part.source == "images" for part in self.parts.values()):
+            self.encoding = first.encoding
 
     # -- what the model needs to know about its inputs --------------------------------------------
     @property
@@ -217,18 +249,19 @@ class ICHDataModule(pl.LightningDataModule):
         and which studies lie outside what it saw (ich.data.seen)."""
         windows = self.model_windows
         return {
-            "source": "images" if self.source == "images" else "dicom",
+            "source": "images" if self._images else "dicom",
             # how the training pixels relate to HU (ich.data.encoding): hu for DICOM and NIfTI; what decides is `windows`
-            "encoding": self.encoding.kind if self.source == "images" else "hu",
+            "encoding": self.encoding.kind if self._images else "hu",
             "windows": None if windows is None else window_pairs(windows),
             "context": self.context,
             "image_size": self.image_size,
             "channels": self.num_channels,
             "modalities": list(self.modalities),
             # slices with less brain than this are no test slices, so they count in no exam (ich.evaluation.exam)
-            "min_brain_fraction": 0.0 if self.source == "images" else self.min_brain_fraction,
+            "min_brain_fraction": 0.0 if self._images else self.min_brain_fraction,
             # what every report names first, and the ranges a new study's series are compared with (ich.data.seen)
-            "trained_on": trained_on(self.source, self.phantom),
+            "trained_on": trained_on(self.source, self.phantom,
+                                     {name: trained_on(part.source, part.phantom) for name, part in self.parts.items()}),
             "seen": self.seen,
         }
 
@@ -238,7 +271,7 @@ class ICHDataModule(pl.LightningDataModule):
         indexed, whichever slices the task and the filters keep for training: a new series is read whole too. After
         setup. Image folders give none: no HU, no field of view, and their `slice` column counts slices, not mm."""
         index = self._full_index()
-        if self.source == "images":
+        if self._images:
             return seen_ranges(pd.DataFrame())
         training = index[index["patient"].isin(self.tables["train"]["patient"])]
         return seen_ranges(series_figures(training))
@@ -247,7 +280,9 @@ class ICHDataModule(pl.LightningDataModule):
     def model_windows(self) -> tuple[Window, ...] | None:
         """The windows the model's planes are made with: data.windows over HU (DICOM, NIfTI, data.encoding=hu), the
         images' own with data.encoding=window, None when they are unknown (data.encoding=none). What a model trained
-        here applies to any HU source later (ich.inference.deploy)."""
+        here applies to any HU source later (ich.inference.deploy). Several sources make the same (checked)."""
+        if self.parts:
+            return next(iter(self.parts.values())).model_windows
         if self.source != "images" or self.encoding.kind == "hu":
             return self.windows
         return self.encoding.windows or None
@@ -264,7 +299,11 @@ class ICHDataModule(pl.LightningDataModule):
     def _full_index(self) -> pd.DataFrame:
         """Every slice of the source that has a file and labels, in index order (row i = slice-cache row i)."""
         if self._index is None:
-            if self.source == "images":
+            if self.parts:
+                self._index = combine_indices({name: part._full_index() for name, part in self.parts.items()})
+                self.summary["skipped"] = {f"{name}/{reason}": count for name, part in self.parts.items()
+                                           for reason, count in part.summary.get("skipped", {}).items()}
+            elif self.source == "images":
                 self._index = self._image_table()
             else:
                 self._index, summary, _ = self.build_index()
@@ -304,7 +343,9 @@ class ICHDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write or check the phantom, the index and the slice cache; once a run, however often Lightning calls."""
-        if self.source == "images" or self._index is not None:
+        for part in self.parts.values():  # several sources: each writes its own, and the index joins them at setup
+            part.prepare_data()
+        if self.parts or self.source == "images" or self._index is not None:
             return
         index = self._full_index()
         if self.cache:
@@ -313,10 +354,14 @@ class ICHDataModule(pl.LightningDataModule):
     # -- stages ---------------------------------------------------------------------------------
     def _stages(self, table: pd.DataFrame) -> pd.Series:
         if self.split_file is None:
-            stages = split_by_patient(table, self.split, self.seed)
+            if self.parts:
+                stages = split_by_source(table, self.split, self.seed, self.test_sources)
+            else:
+                stages = split_by_patient(table, self.split, self.seed)
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                table.assign(split=stages)[["image_id", "patient", "split"]].to_csv(self.output_dir / "split.csv", index=False)
+                columns = ["image_id", "patient", "split", *(["source"] if self.parts else [])]
+                table.assign(split=stages)[columns].to_csv(self.output_dir / "split.csv", index=False)
             return stages
         saved = pd.read_csv(self.split_file, dtype=str).set_index("image_id")["split"]
         stages = table["image_id"].map(saved)
@@ -332,7 +377,7 @@ class ICHDataModule(pl.LightningDataModule):
         neighbours = neighbour_rows(index, self.context)
         image_ids = as_bytes(index["image_id"])
         table = index.assign(row=np.arange(len(index)))
-        if self.source != "images" and self.min_brain_fraction > 0:
+        if not self._images and self.min_brain_fraction > 0:
             blank = table["brain_fraction"] < self.min_brain_fraction
             self.summary.setdefault("skipped", {})["little_brain"] = int(blank.sum())
             table = table[~blank]
@@ -351,6 +396,8 @@ class ICHDataModule(pl.LightningDataModule):
                 # subtype balances its five classes, binary its one label, multilabel `any`
                 classes = task_targets(part, self.task) if self.task.loss == "ce" else part[self.task.outputs[0]].to_numpy()
                 part = undersample(part, classes, self.balance_ratio, self.seed)
+            if name == "train" and self.balance_sources:
+                part = equal_sources(part, self.seed)
             self.tables[name] = part.reset_index(drop=True)
             rows = part["row"].to_numpy()
             self.datasets[name] = SliceDataset(
@@ -366,13 +413,22 @@ class ICHDataModule(pl.LightningDataModule):
             slices={name: len(ds) for name, ds in self.datasets.items()},
             patients={name: int(self.tables[name]["patient"].nunique()) for name in STAGES},
         )
+        if self.parts:
+            self.summary["sources"] = {name: self.tables[name]["source"].value_counts().to_dict() for name in STAGES}
         if self._slice_cache is not None and self._slice_cache.failed:
             self.summary["failed_in_cache"] = len(self._slice_cache.failed)
         log.info("Data: %s", json.dumps(self.summary))
 
     def _loader(self, index: pd.DataFrame):
         """What turns an index row into windowed planes: the slice cache, or the DICOM or image file; read
-        once into memory when all slices fit in a small share of it (see MemoryLoader)."""
+        once into memory when all slices fit in a small share of it (see MemoryLoader). Several sources: each
+        source's own loader for its rows."""
+        if self.parts:
+            lengths = [len(part.index) for part in self.parts.values()]
+            loaders = [part._loader(part.index) for part in self.parts.values()]
+            check_same_inputs({name: {"channels": loader.channels} for name, loader in zip(self.parts, loaders)},
+                              {"channels": "encoding_window"})
+            return SourceLoaders(tuple(loaders), starts_of(lengths))
         if self.cache:
             self._slice_cache = self._slice_cache or self.build_cache(index)
             return CacheLoader(self._slice_cache, self.windows)

@@ -65,8 +65,12 @@ UNKNOWN_SOURCE = ("Training source unknown: this checkpoint predates ich recordi
 # --- where the model's training data came from -----------------------------------------------------------------
 
 
-def trained_on(source: str, phantom: Mapping) -> dict:
-    """The `trained_on` entry of a checkpoint's inputs: the data group, the phantom's settings, synthetic or not."""
+def trained_on(source: str, phantom: Mapping, sources: Mapping[str, dict] | None = None) -> dict:
+    """The `trained_on` entry of a checkpoint's inputs: the data group, the phantom's settings, synthetic or not;
+    for data=multi each source's own entry (`sources`), synthetic when any of them is."""
+    if source == "multi":
+        parts = dict(sources or {})
+        return {"data": source, "synthetic": any(part["synthetic"] for part in parts.values()), "sources": parts}
     entry = {"data": source, "synthetic": source in SYNTHETIC}
     if source == "phantom":
         entry["phantom"] = dict(phantom)
@@ -92,6 +96,11 @@ def training_source(inputs: Mapping) -> TrainingSource:
     if not entry:
         return TrainingSource(UNKNOWN_SOURCE, "unknown")
     data = entry["data"]
+    if data == "multi":
+        parts = {name: training_source({"trained_on": part}) for name, part in entry["sources"].items()}
+        said = "; ".join(f"{name}: {part.text}" for name, part in parts.items())
+        level = "synthetic" if entry["synthetic"] else "real"
+        return TrainingSource(f"Trained on several sources (data=multi). {said}", level)
     if data == "phantom":
         settings = ", ".join(f"{key} {value}" for key, value in entry.get("phantom", {}).items())
         return TrainingSource(f"Trained on the synthetic phantom (data=phantom{': ' + settings if settings else ''}): "

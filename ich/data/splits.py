@@ -64,3 +64,41 @@ def undersample(table: pd.DataFrame, classes: np.ndarray, ratio: float, seed: in
     rng = np.random.default_rng(seed)
     kept = np.concatenate([rng.permutation(rows.to_numpy())[:cap] for _, rows in groups])
     return table.iloc[np.sort(kept)]
+
+
+def split_by_source(index: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
+                    held_out: tuple[str, ...] = ()) -> pd.Series:
+    """Stages of a several-source index (a `source` column): each source split by patient on its own, so every
+    source reaches every stage in its own proportions; a source of `held_out` goes to the test split whole
+    (leave-one-source-out), and the others then share train and validation in data.split's train:val ratio."""
+    names = list(dict.fromkeys(index["source"]))
+    unknown = [name for name in held_out if name not in names]
+    if unknown:
+        raise ValueError(f"data.test_sources names {unknown[0]}, which is not a source of data.sources: name one of "
+                         f"{', '.join(names)}.")
+    if held_out and set(names) <= set(held_out):
+        raise ValueError(f"data.test_sources={list(held_out)} holds out every source, leaving none to train on: "
+                         "leave at least one out of it.")
+    train, val, _ = (float(f) for f in fractions)
+    if held_out and not train + val > 0:
+        raise ValueError(f"data.split={list(fractions)} leaves nothing to train on beside data.test_sources: give "
+                         "train (and validation) a fraction.")
+    rest = (train / (train + val), val / (train + val), 0.0) if held_out else tuple(fractions)
+    stages = pd.Series(index=index.index, dtype=object)
+    for name, part in index.groupby("source", sort=False):
+        stages[part.index] = "test" if name in held_out else split_by_patient(part, rest, seed)
+    return stages
+
+
+def equal_sources(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Every source as many training slices as the largest: the slices of a smaller one are repeated whole, and the
+    remainder drawn at random, so an epoch samples the sources equally (each repeat is augmented afresh)."""
+    groups = pd.Series(np.arange(len(table))).groupby(table["source"].to_numpy(), sort=False)
+    largest = int(groups.size().max())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, members in groups:
+        members = members.to_numpy()
+        copies, remainder = divmod(largest, len(members))
+        rows.append(np.concatenate([np.tile(members, copies), rng.permutation(members)[:remainder]]))
+    return table.iloc[np.sort(np.concatenate(rows), kind="stable")]

@@ -24,7 +24,8 @@ from torchmetrics.functional.classification import binary_average_precision, bin
 
 from ich.core.results import write_atomic
 from ich.data.seen import TrainingSource, ood_summary, training_source
-from ich.evaluation.operating import HEADLINE_LABEL, auroc, called, sensitivity_specificity
+from ich.evaluation.operating import (HEADLINE_LABEL, auroc, below_pooled, called, metric_sources,
+                                     sensitivity_specificity)
 from ich.evaluation.plots import confusion_counts, draw_confusion, draw_reliability
 
 DPI = 110  # as the PNG files of ich.evaluation.plots
@@ -58,6 +59,7 @@ ul.every { columns: 3 20em; padding: 0; margin: 0; list-style: none; font-size: 
 ul.every li { display: flex; justify-content: space-between; gap: 1em; break-inside: avoid;
               border-bottom: 1px dotted var(--rule); font-variant-numeric: tabular-nums; }
 footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
+td.flag { color: #a3121f; font-weight: 600; }
 .verdict { font-weight: 600; } .verdict.positive { color: #a3121f; } .verdict.negative { color: #1d6b35; }
 p.verdict { font-size: 16px; margin: 4px 0 10px; }
 .tiles.heatmaps { grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); }
@@ -160,6 +162,7 @@ def write_report(
         source_banner(source) if source is not None else "",
         _about_section(about, metrics, predictions, outputs),
         _metrics_section(metrics, predictions, outputs, fixed_threshold, categorical),
+        _sources_section(metrics),
         _curves_section(predictions, outputs, points, fixed, thresholds is not None),
         _calibration_section(predictions, outputs),
         _confusion_section(predictions, outputs, points, categorical, thresholds is not None),
@@ -226,6 +229,39 @@ def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Seque
         note += " At highest probability: the subtype given the highest probability is the prediction."
     table = f'<table class="metrics">{head}<tbody>{"".join(rows)}</tbody></table>'
     return section("metrics", "Metrics", table, note)
+
+
+def _sources_section(metrics: Mapping) -> str:
+    """Per source of a several-source test split (data=multi), beside the pooled figures; a source whose AUROC
+    interval lies wholly below the pooled one is flagged. Nothing when metrics.json holds no source of its own."""
+    sources = metric_sources(metrics)
+    if not sources:
+        return ""
+    head = ('<thead><tr><th>source</th><th class="num">patients</th><th class="num">AUROC</th>'
+            '<th class="num">sensitivity at the operating point</th>'
+            '<th class="num">specificity at the operating point</th>'
+            '<th>flag</th></tr></thead>')
+    rows = []
+    for name in sources:
+        patients = metrics.get(f"data/{name}/patients_test")
+        flag = "AUROC interval below the pooled one" if below_pooled(metrics, name) else ""
+        cells = [_interval(metrics, f"{name}/{key}", "") for key in ("auroc", "op_sensitivity", "op_specificity")]
+        shown = "".join(f'<td class="num">{cell}</td>' for cell in cells)
+        rows.append(f'<tr><td>{html.escape(name)}</td><td class="num">{_count(patients)}</td>{shown}'
+                    f'<td class="flag">{flag}</td></tr>')
+    pooled = [_interval(metrics, key, "") for key in ("auroc", "op_sensitivity", "op_specificity")]
+    rows.append('<tr class="summary"><td>pooled</td>'
+                f'<td class="num">{_count(metrics.get("data/patients_test"))}</td>'
+                + "".join(f'<td class="num">{cell}</td>' for cell in pooled) + "<td></td></tr>")
+    note = ("Each source's test patients alone, at the model's one operating point; [low, high]: 95% interval from "
+            "resampling that source's patients. A flag marks a source whose AUROC interval lies wholly below the "
+            "pooled one: the model does worse there than chance explains.")
+    return section("sources", "Per source", f'<table class="sources">{head}<tbody>{"".join(rows)}</tbody></table>',
+                   note)
+
+
+def _count(value: float | None) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{int(value):,}"
 
 
 def _row(name: str, count: str, cells: list[str], summary: bool = False) -> str:

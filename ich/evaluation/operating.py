@@ -9,7 +9,7 @@ Convention: a slice (or exam) is called positive when its probability is at leas
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -92,6 +92,11 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auroc(aurocs: list[float]) -> float:
+    """The mean of the outputs' AUROCs where defined (`test/auroc`'s macro mean over outputs); NaN when none is."""
+    return float("nan") if np.isnan(aurocs).all() else float(np.nanmean(aurocs))
 
 
 def calibration_bins(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -270,8 +275,7 @@ def honest_metrics(
     def statistic(rows: np.ndarray) -> np.ndarray:
         aurocs = [auroc(probs[rows, k], truth[rows, k]) for k in range(count)]
         points = [sensitivity_specificity(probs[rows, k], truth[rows, k], thresholds[k]) for k in range(count)]
-        macro = np.nan if np.isnan(aurocs).all() else np.nanmean(aurocs)
-        return np.array([macro, *aurocs, *(s for s, _ in points), *(s for _, s in points)])
+        return np.array([macro_auroc(aurocs), *aurocs, *(s for s, _ in points), *(s for _, s in points)])
 
     low, high = patient_bootstrap(statistic, patients, resamples, seed)
     metrics["test/auroc_ci_low"], metrics["test/auroc_ci_high"] = float(low[0]), float(high[0])
@@ -284,3 +288,56 @@ def honest_metrics(
             put(f"{name}_ci_high", k, high[1 + (j + 1) * count + k])
     metrics["data/patients_test"] = float(len(np.unique(patients)))
     return metrics
+
+
+# --- several sources (data=multi) ---------------------------------------------------------------------
+
+# What each source of a several-source test split reports, beside the pooled values (with their intervals).
+SOURCE_METRICS = ("auroc", "op_sensitivity", "op_specificity")
+
+
+def source_metrics(
+    task: Task,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    thresholds: np.ndarray,
+    temperature: float,
+    table: pd.DataFrame,
+    image_ids: list[str],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`test/<source>/auroc`, `op_sensitivity` and `op_specificity` with their patient-bootstrap intervals
+    (`_ci_low`, `_ci_high`) and `data/<source>/patients_test`, per source of a stage table with a `source` column
+    (data=multi): the same figures as the pooled ones (honest_metrics), on each source's slices alone, at the
+    model's one operating point. Nothing for a table of one source without that column.
+    """
+    if "source" not in table:
+        return {}
+    rows = table.set_index("image_id").loc[list(image_ids)]
+    sources, patients = rows["source"].to_numpy(), rows["patient"].to_numpy()
+    probs = probabilities(task, logits.float(), temperature).numpy()
+    truth = one_vs_rest(task, targets.numpy())
+    wanted = [f"test/{name}{tail}" for name in SOURCE_METRICS for tail in ("", "_ci_low", "_ci_high")]
+    metrics: dict[str, float] = {}
+    for name in dict.fromkeys(sources):
+        mine = sources == name
+        honest = honest_metrics(task, logits[mine], targets[mine], thresholds, temperature, patients[mine],
+                                resamples, seed)
+        honest["test/auroc"] = macro_auroc([auroc(probs[mine, k], truth[mine, k]) for k in range(task.num_outputs)])
+        metrics.update({key.replace("test/", f"test/{name}/", 1): honest[key] for key in wanted if key in honest})
+        metrics[f"data/{name}/patients_test"] = honest["data/patients_test"]
+    return metrics
+
+
+def metric_sources(metrics: Mapping[str, float | None]) -> list[str]:
+    """The sources that metrics.json reports on their own (`test/<source>/auroc`), in its order."""
+    return [key.split("/")[1] for key in metrics if key.count("/") == 2 and key.startswith("test/")
+            and key.endswith("/auroc")]
+
+
+def below_pooled(metrics: Mapping[str, float | None], source: str) -> bool:
+    """Whether a source's AUROC interval lies wholly below the pooled one's: the model is worse there than on the
+    sources together by more than chance explains (a site it does not carry to). False where an interval is missing."""
+    high, low = metrics.get(f"test/{source}/auroc_ci_high"), metrics.get("test/auroc_ci_low")
+    return high is not None and low is not None and high < low
