@@ -41,9 +41,12 @@ SOURCES = ("phantom", "rsna", "images", "nifti")
 
 
 def phantom_root(cache_dir: Path, settings: dict) -> Path:
-    """One folder per phantom setting, so a changed setting never reuses stale files."""
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir / f"phantom-{key}"
+    """One folder per phantom setting, so a changed setting never reuses stale files; the site is named in it
+    (phantom-<key>-site-B), except for site A, whose folder is the one written before sites existed."""
+    others = {name: value for name, value in settings.items() if name != "site"}
+    key = hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:10]
+    site = settings.get("site", "A")
+    return cache_dir / (f"phantom-{key}" if site == "A" else f"phantom-{key}-site-{site}")
 
 
 def ensure_phantom(cache_dir: Path, settings: dict) -> Path:
