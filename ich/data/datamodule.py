@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ich.core.privacy import pseudonym
 from ich.core.tasks import SUBTYPES, Task, get_task
-from ich.data.augment import build_augmentation
+from ich.data.augment import SiteAugmentation, build_augmentation, windowed_augment
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, HUImageLoader, ImageLoader, MemoryLoader,
                               SliceDataset, as_bytes, collate_skipping, init_worker)
@@ -198,6 +198,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.balance, self.balance_ratio = balance, float(balance_ratio)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
         self.augment = dict(augment or {})
+        self.site_augmentation = SiteAugmentation.from_config(self.augment)
         self.phantom = dict(phantom or {})
         self.modalities = tuple(modalities)
         self.volumes = None if source != "nifti" else VolumeSource(
@@ -331,7 +332,7 @@ class ICHDataModule(pl.LightningDataModule):
         table = table[task_rows(table, self.task) & table["split"].notna()]
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
-        augmentation = build_augmentation(**self.augment)
+        augmentation = build_augmentation(**windowed_augment(self.augment))
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
@@ -347,6 +348,7 @@ class ICHDataModule(pl.LightningDataModule):
                 loader,
                 transform=augmentation if name == "train" else None,
                 seed=self.seed,
+                site=self.site_augmentation if name == "train" else None,
             )
         self.summary.update(
             slices_found=len(index),
@@ -359,7 +361,8 @@ class ICHDataModule(pl.LightningDataModule):
 
     def _loader(self, index: pd.DataFrame):
         """What turns an index row into windowed planes: the slice cache, or the DICOM or image file; read
-        once into memory when all slices fit in a small share of it (see MemoryLoader)."""
+        once into memory when all slices fit in a small share of it (see MemoryLoader): as HU under site
+        augmentation, which changes HU before windowing, else as planes."""
         if self.cache:
             self._slice_cache = self._slice_cache or self.build_cache(index)
             return CacheLoader(self._slice_cache, self.windows)
@@ -367,11 +370,13 @@ class ICHDataModule(pl.LightningDataModule):
             loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
         else:
             loader = self._image_loader(index["path"])
-        needed = len(index) * loader.channels * self.image_size**2
+        keep_hu = self.site_augmentation is not None and loader.windows is not None
+        needed = len(index) * (2 if keep_hu else loader.channels) * self.image_size**2
         if needed > memory_budget():
             return loader
-        log.info("Reading the %d slices into memory once (%.0f MB) instead of every epoch", len(index), needed / 1e6)
-        return MemoryLoader(loader, len(index), self.image_size)
+        log.info("Reading the %d slices into memory once (%.0f MB%s) instead of every epoch", len(index), needed / 1e6,
+                 ", as HU for the site augmentation" if keep_hu else "")
+        return MemoryLoader(loader, len(index), self.image_size, keep_hu=keep_hu)
 
     def _image_loader(self, paths: pd.Series):
         """HU images are windowed as DICOMs are; windowed images are read as they are, with as many channels as
