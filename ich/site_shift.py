@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.home == args.away:
         raise ValueError(f"--home and --away are both {args.home}: test at another site (--away B).")
     out = args.out.expanduser()
+    used = [name for name in TRAININGS if (out / name).exists()]
+    if used:
+        raise ValueError(f"{out} already holds a test-bed run ({', '.join(used)}): pass another --out or delete it.")
     started = time.perf_counter()
     load = os.getloadavg()[0]
     results: dict[str, dict[str, dict[str, float]]] = {}
