@@ -146,13 +146,14 @@ class MemoryLoader:
                              "keep their planes (keep_hu=False).")
         self.channels = loader.channels
         self.windows = loader.windows if keep_hu else None  # None: planes only, as ImageLoader gives
-        self.planes = np.zeros((rows, size, size) if keep_hu else (rows, loader.channels, size, size),
+        # what was read: uint8 planes [rows, channels, size, size], or with keep_hu int16 HU [rows, size, size]
+        self.slices = np.zeros((rows, size, size) if keep_hu else (rows, loader.channels, size, size),
                                np.int16 if keep_hu else np.uint8)
         self.failed: dict[int, Exception] = {}
 
         def read(row: int) -> None:
             try:
-                self.planes[row] = loader.hu(row) if keep_hu else np.stack(loader(row))
+                self.slices[row] = loader.hu(row) if keep_hu else np.stack(loader(row))
             except (DicomReadError, OSError) as err:  # skipped at access, like an unreadable file
                 self.failed[row] = err
 
@@ -165,13 +166,13 @@ class MemoryLoader:
             return window_planes(self.hu(row), self.windows)
         if row in self.failed:
             raise self.failed[row]
-        return list(self.planes[row])
+        return list(self.slices[row])
 
     def hu(self, row: int) -> np.ndarray:
         """The row's int16 HU (with keep_hu only)."""
         if row in self.failed:
             raise self.failed[row]
-        return self.planes[row]
+        return self.slices[row]
 
 
 def as_bytes(values) -> np.ndarray:
