@@ -24,50 +24,44 @@ def figure(metrics: dict[str, float], name: str) -> tuple[float, float, float]:
     return metrics[key], metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan)
 
 
-def shift_table(results: dict[str, dict[str, dict[str, float]]], home: str, away: str) -> pd.DataFrame:
-    """One row per training (`results[training][site]` = that training's test metrics at `site`): each figure at
-    the home and the away site with its interval, and the drop (home - away) of DROPPED."""
+def shift_table(results: dict[str, dict[str, dict[str, float]]], home: str) -> pd.DataFrame:
+    """One row per training and test site (`results[training][site]`: that training's test metrics at `site`, the
+    home site first): each figure with its interval, and at the other sites the drop (home - there) of DROPPED."""
     rows = []
     for training, by_site in results.items():
-        row: dict[str, object] = {"training": training}
-        for site in (home, away):
+        for site, metrics in by_site.items():
+            row: dict[str, object] = {"training": training, "site": site}
             for name in FIGURES:
-                value, low, high = figure(by_site[site], name)
-                row[f"{name}_{site}"], row[f"{name}_{site}_ci"] = value, (low, high)
-        for name in DROPPED:
-            row[f"{name}_drop"] = row[f"{name}_{home}"] - row[f"{name}_{away}"]
-        rows.append(row)
+                row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = figure(metrics, name)
+            for name in DROPPED:
+                row[f"{name}_drop"] = math.nan if site == home else figure(by_site[home], name)[0] - row[name]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def halved(table: pd.DataFrame, plain: str, augmented: str, name: str = "auroc") -> bool:
-    """Whether the `augmented` training's drop of `name` is at most half the `plain` training's (and there is one)."""
-    drops = table.set_index("training")[f"{name}_drop"]
+def halved(table: pd.DataFrame, plain: str, augmented: str, site: str, name: str = "auroc") -> bool:
+    """Whether the `augmented` training's drop of `name` at `site` is at most half the `plain` training's (and the
+    plain training drops at all)."""
+    drops = table[table["site"] == site].set_index("training")[f"{name}_drop"]
     return bool(drops[plain] > 0 and drops[augmented] <= drops[plain] / 2)
 
 
-def _cell(value: float, interval: tuple[float, float]) -> str:
-    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
-
-
-def markdown(table: pd.DataFrame, home: str, away: str) -> str:
-    """The table as Markdown: a row per training, each figure with its 95% interval, and the drops."""
-    header = ["training"]
-    for site in (home, away):
-        header += [f"{name.replace('op_', 'op ')} {site}" for name in FIGURES]
-    header += [f"{name.replace('op_', 'op ')} drop" for name in DROPPED]
+def markdown(table: pd.DataFrame, home: str) -> str:
+    """The table as Markdown: a row per training and test site, each figure with its 95% interval, and the drops."""
+    header = ["training", "tested at", *(name.replace("op_", "op ") for name in FIGURES),
+              *(f"{name.replace('op_', 'op ')} drop" for name in DROPPED)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in table.to_dict("records"):
-        cells = [str(row["training"])]
-        for site in (home, away):
-            cells += [_cell(row[f"{name}_{site}"], row[f"{name}_{site}_ci"]) for name in FIGURES]
-        cells += [f"{row[f'{name}_drop']:+.3f}" for name in DROPPED]
+        site = f"{row['site']} (its own test patients)" if row["site"] == home else row["site"]
+        cells = [str(row["training"]), site]
+        cells += [f"{row[name]:.3f} [{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]" for name in FIGURES]
+        cells += ["" if math.isnan(row[f"{name}_drop"]) else f"{row[f'{name}_drop']:+.3f}" for name in DROPPED]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(path: Path, table: pd.DataFrame, home: str, away: str, preamble: str) -> str:
+def write_table(path: Path, table: pd.DataFrame, home: str, preamble: str) -> str:
     """Write `preamble` and the Markdown table to `path` (atomically); returns the text written."""
-    text = f"{preamble.rstrip()}\n\n{markdown(table, home, away)}"
+    text = f"{preamble.rstrip()}\n\n{markdown(table, home)}"
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
     return text
