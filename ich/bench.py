@@ -194,7 +194,8 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
 def site_cost_ms(rates: dict[str, list[float]]) -> float:
     """What the site augmentation adds per image on one core, in ms: the augmented slice-cache loader with it and
     without it, each at its median rate."""
-    with_site, without = (statistics.median(rates[name]) for name in ("loader_cache_site_augmented", "loader_cache_augmented"))
+    names = ("loader_cache_site_augmented", "loader_cache_augmented")
+    with_site, without = (statistics.median(rates[name]) for name in names)
     return round(1000 / with_site - 1000 / without, 2)
 
 

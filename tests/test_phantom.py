@@ -336,7 +336,8 @@ def test_each_site_has_its_noise_kernel_blood_and_beam_hardening(sites):
         sd = np.median(figures[name]["sd"])
         assert site.noise[0] - 0.8 <= sd <= site.noise[1] + 0.5, (name, sd)
     corr = {name: np.median(f["corr"]) for name, f in figures.items()}
-    assert corr["B"] < corr["A"] - 0.08 and corr["C"] > corr["A"] + 0.3, corr  # sharp: noise anti-correlated; smooth: blurred
+    # a sharp kernel anti-correlates neighbouring pixels' noise, a smooth one correlates it
+    assert corr["B"] < corr["A"] - 0.08 and corr["C"] > corr["A"] + 0.3, corr
     # acute blood (A, B) is brighter than any brain; older blood (C) is barely brighter than grey matter
     for name in "AB":
         assert min(figures[name]["positive"]) >= 60 > max(figures[name]["negative"]) + 10, name

@@ -28,10 +28,14 @@ def test_the_table_has_each_figure_at_both_sites_and_the_drops():
     assert text.count("\n") == 6
 
 
-def test_no_drop_to_halve_is_not_a_halved_drop():
+def test_no_drop_to_halve_or_a_worse_model_is_not_a_halved_drop():
     results = {"plain": {"A": metrics(0.9, 0.9, 0.8), "B": metrics(0.92, 0.9, 0.8)},
                "site-augmented": {"A": metrics(0.9, 0.9, 0.8), "B": metrics(0.92, 0.9, 0.8)}}
     assert not halved(shift_table(results, "A"), "plain", "site-augmented", "B")
+    # the measured case of site C: a smaller drop from a worse start, and worse at C too
+    results = {"plain": {"A": metrics(0.966, 0.9, 0.8), "C": metrics(0.758, 0.9, 0.3)},
+               "site-augmented": {"A": metrics(0.783, 0.98, 0.26), "C": metrics(0.698, 0.89, 0.34)}}
+    assert not halved(shift_table(results, "A"), "plain", "site-augmented", "C")
 
 
 def test_a_metrics_file_without_the_figure_is_named():

@@ -145,7 +145,8 @@ class SiteLook:
         if self.blur > 0:
             image = cv2.GaussianBlur(image, (0, 0), self.blur, borderType=cv2.BORDER_REPLICATE)
         if self.sharpen > 0:
-            image = image + self.sharpen * (image - cv2.GaussianBlur(image, (0, 0), 1.0, borderType=cv2.BORDER_REPLICATE))
+            blurred = cv2.GaussianBlur(image, (0, 0), 1.0, borderType=cv2.BORDER_REPLICATE)
+            image = image + self.sharpen * (image - blurred)
         if self.resolution < 1:
             rows, cols = image.shape
             small = (max(4, round(cols * self.resolution)), max(4, round(rows * self.resolution)))

@@ -70,7 +70,7 @@ class Site:
     tilted: float  # share of series acquired with a tilted gantry
     tilt: tuple[float, float]  # their tilt, degrees
     bleed_hu: tuple[float, float] | None  # blood density range, HU; None: acute, as drawn per subtype (55-80 HU)
-    beam_hardening: float  # HU added to the brain at the inner table of the skull, fading inwards over BEAM_HARDENING_MM
+    beam_hardening: float  # HU added to the brain at the skull's inner table, fading inwards over BEAM_HARDENING_MM
 
 
 SHARPEN = 2.0  # weight of the unsharp mask of a sharp kernel: image + SHARPEN * (image - blurred image)
@@ -339,7 +339,8 @@ def plan_patients(patients: int, slices: int, size: int, seed: int, site: str = 
     # every subtype, epidural included, leads in some positive scan once there are five of them
     leads = rng.permutation(SUBTYPES).tolist()
     primaries = {int(p): leads[j % len(leads)] for j, p in enumerate(rng.permutation(positives))}
-    tilted = set(rng.permutation(patients)[: max(1, round(patients * scanner.tilted)) if scanner.tilted else 0].tolist())
+    tilted_count = max(1, round(patients * scanner.tilted)) if scanner.tilted else 0
+    tilted = set(rng.permutation(patients)[:tilted_count].tolist())
     padded = set(rng.permutation(patients)[: max(1, round(patients * PADDED_PATIENTS))].tolist())
     return [
         _patient(i, seed, slices, size, ids, primaries.get(i), i in tilted, i in padded, scanner)
