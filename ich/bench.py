@@ -45,7 +45,7 @@ from ich.core.hardware import resolve_trainer
 from ich.core.privacy import pseudonym
 from ich.core.results import write_atomic
 from ich.core.tasks import LABELS
-from ich.data.augment import build_augmentation
+from ich.data.augment import SiteAugmentation, build_augmentation, windowed_augment
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.datamodule import ICHDataModule, resolve_workers
 from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, SliceDataset, as_bytes, collate_skipping,
@@ -126,9 +126,19 @@ def batches_of(dataset: SliceDataset, batch_size: int) -> Callable[[], int]:
     return work
 
 
+def default_augment_config() -> dict:
+    """data.augment as conf/data/_common.yaml sets it."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment)
+
+
 def default_augmentation():
     """The training augmentation with the strengths of conf/data/_common.yaml."""
-    return build_augmentation(**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "_common.yaml").augment))
+    return build_augmentation(**windowed_augment(default_augment_config()))
+
+
+def default_site_augmentation() -> SiteAugmentation:
+    """The site augmentation (data.augment.site=true) with the strengths of conf/data/_common.yaml."""
+    return SiteAugmentation.from_config({**default_augment_config(), "site": True})
 
 
 @contextlib.contextmanager
@@ -155,7 +165,9 @@ def phantom_index(workdir: Path, slices: int, dicom_size: int) -> pd.DataFrame:
 
 
 def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation."""
+    """Images/s on one core: DICOM to a 3-window tensor (naive and ich), then the loaders with and without augmentation,
+    and the slice cache's with the site augmentation on top (data.augment.site=true; its cost per image is the
+    difference of the inverse rates)."""
     windows = BENCH_WINDOWS
     paths = index["path"].tolist()
     dicom = DicomLoader(as_bytes(paths), windows, args.size)
@@ -167,6 +179,8 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
         "loader_dicom_augmented": SliceDataset(rows, targets, ids, dicom, augment),
         "loader_cache": SliceDataset(rows, targets, ids, CacheLoader(cache, windows)),
         "loader_cache_augmented": SliceDataset(rows, targets, ids, CacheLoader(cache, windows), augment),
+        "loader_cache_site_augmented": SliceDataset(rows, targets, ids, CacheLoader(cache, windows), augment,
+                                                    site=default_site_augmentation()),
     }
     ways = {
         "dicom_naive": each(lambda path: naive(Path(path), args.size), paths),
@@ -175,6 +189,14 @@ def per_core(index: pd.DataFrame, cache: SliceCache, args: argparse.Namespace) -
     ways.update({name: batches_of(dataset, args.batch_size) for name, dataset in datasets.items()})
     with one_core():
         return interleaved(ways, args.repeats, args.min_seconds)
+
+
+def site_cost_ms(rates: dict[str, list[float]]) -> float:
+    """What the site augmentation adds per image on one core, in ms: the augmented slice-cache loader with it and
+    without it, each at its median rate."""
+    names = ("loader_cache_site_augmented", "loader_cache_augmented")
+    with_site, without = (statistics.median(rates[name]) for name in names)
+    return round(1000 / with_site - 1000 / without, 2)
 
 
 def model_speed(args: argparse.Namespace, device: torch.device, loader: DataLoader | None) -> dict:
@@ -521,6 +543,7 @@ def print_table(result: dict) -> None:
     print(f"{'images/s on one core (median of ' + str(result['settings']['repeats']) + ')':<52}{'images/s':>10}")
     for name, rate in result["per_core"].items():
         print(f"  {name:<50}{rate:>10.1f}")
+    print(f"  {'site augmentation, ms per image (data.augment.site)':<50}{result['site_augmentation_ms']:>10.2f}")
     if result["cache_build"]:
         print(f"  {'cache build, all ' + str(cores) + ' cores':<50}{result['cache_build']['images_per_s']:>10.1f}")
     print(f"{model['backbone']} {model['size']}px {model['precision']} batch {model['batch_size']} on {model['device']}:")
@@ -628,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "per_core": {name: round(statistics.median(values), 1) for name, values in rates.items()},
         "per_core_repeats": {name: [round(v, 1) for v in values] for name, values in rates.items()},
+        "site_augmentation_ms": site_cost_ms(rates),
         "cache_build": cache_build,
         "model": model,
         "train": train,

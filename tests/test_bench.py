@@ -17,7 +17,7 @@ def test_bench_writes_every_figure_as_json(tmp_path):
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     assert set(written["per_core"]) == {"dicom_naive", "dicom_ich", "loader_dicom", "loader_dicom_augmented",
-                                        "loader_cache", "loader_cache_augmented"}
+                                        "loader_cache", "loader_cache_augmented", "loader_cache_site_augmented"}
     assert all(rate > 0 for rate in written["per_core"].values())
     model = written["model"]
     assert model["train_images_per_s"] > 0 and model["infer_images_per_s"] > 0

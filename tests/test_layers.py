@@ -8,7 +8,9 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ich"
 # What the root scripts and the `python -m ich.<command>` commands run; code below them never imports them.
 ENTRY_MODULES = ("ich.train", "ich.evaluate", "ich.predict", "ich.export", "ich.report", "ich.prepare", "ich.bench",
-                 "ich.gpu_check", "ich.phantom", "ich.serve")
+                 "ich.gpu_check", "ich.phantom", "ich.serve", "ich.site_shift")
+# Commands made of other commands: each may call the `run` of the entry modules listed, and nothing else may.
+COMPOSED_COMMANDS = {"ich.site_shift": {"ich.train", "ich.evaluate"}}
 # The job folders from the bottom up. A module imports from its own folder and from folders of a lower rank only;
 # folders of one rank (inference and classical) do not import each other; the DICOM node (node/) serves what
 # inference answers. The modules at the top of `ich/` (the entry modules and cli, what they share) may import
@@ -84,9 +86,11 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str]:
 
 
 def entry_imports(graph: Mapping[str, set[str]]) -> list[str]:
-    """`importer -> entry module` for every module of the package that imports an entry module."""
+    """`importer -> entry module` for every module of the package that imports an entry module (but the ones a
+    composed command runs)."""
     entries = set(ENTRY_MODULES)
-    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets & entries)
+    return sorted(f"{module} -> {target}" for module, targets in graph.items()
+                  for target in targets & entries - COMPOSED_COMMANDS.get(module, set()))
 
 
 def folder(module: str) -> str:

@@ -175,8 +175,10 @@ def test_a_run_of_two_sources_reports_each_source(cache_dir, tmp_path):
 def test_a_run_that_holds_a_source_out_tests_on_it_alone(cache_dir, tmp_path):
     from ich import train
 
-    cfg = compose_config("train", [*SITE_OVERRIDES, "data.test_sources=[b]", "data.balance_sources=true",
-                                   f"output_dir={tmp_path}", "bootstrap=50"])
+    # site B of the phantom held out, training at A with the site augmentation (which reads each source's HU)
+    cfg = compose_config("train", [*SITE_OVERRIDES, "+data.sources.b.phantom.site=B", "data.augment.site=true",
+                                   "data.test_sources=[b]", "data.balance_sources=true", f"output_dir={tmp_path}",
+                                   "bootstrap=50"])
     metrics = train.run(cfg)
     split = pd.read_csv(tmp_path / "split.csv")
     assert set(split.loc[split["split"] == "test", "source"]) == {"b"}

@@ -1,16 +1,19 @@
 """The synthetic phantom: RSNA layout, real DICOM files, honest labels and the documented quirks."""
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 
 from ich.core.tasks import LABELS, SUBTYPES
-from ich.data.phantom import QUIRK_KINDS, generate
+from ich.data.datamodule import phantom_root
+from ich.data.phantom import QUIRK_KINDS, SITES, generate
 from ich.phantom import main
 
 # RSNA's `ID_...` UIDs are invalid on purpose; pydicom says so on every read.
@@ -250,3 +253,107 @@ def test_command_line_prints_the_summary(tmp_path, capsys):
 def test_too_small_an_image_is_refused(tmp_path):
     with pytest.raises(ValueError, match="size"):
         generate(tmp_path, patients=1, slices=1, size=16)
+
+
+# --- sites: the same heads on other scanners, each property measured from the written files -----------------
+
+SITE_PHANTOM = dict(patients=6, slices=4, size=256, seed=0, quirks=False)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> dict[str, Path]:
+    """The same six heads imaged at each site."""
+    roots = {}
+    for site in SITES:
+        roots[site] = tmp_path_factory.mktemp(f"site{site}")
+        generate(roots[site], **SITE_PHANTOM, site=site)
+    return roots
+
+
+def inside_skull(image: np.ndarray, spacing: float) -> np.ndarray:
+    """Per pixel, its depth in mm under the skull's inner table (0 outside the skull), found from the HU alone."""
+    bone = (image > 300).astype(np.uint8)
+    _, parts = cv2.connectedComponents(1 - bone, connectivity=4)
+    outside = np.unique(np.concatenate([parts[0], parts[-1], parts[:, 0], parts[:, -1]]))
+    inside = ~np.isin(parts, outside) & (bone == 0)
+    return cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5) * spacing
+
+
+def site_figures(root: Path) -> dict[str, list[float]]:
+    """What a physicist would measure on each slice with a head (over 30 cm2 of brain): noise SD and the
+    correlation of neighbouring pixels' noise in uniform deep brain, the mean brain HU 2-5 mm under the table and
+    deeper than 12 mm on negative slices, and the brightest 5x5-median brain HU of every positive and negative slice."""
+    labels = labels_by_image(root)
+    figures: dict[str, list[float]] = {key: [] for key in ("sd", "corr", "rim", "positive", "negative")}
+    for path in sorted((root / "stage_2_train").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        image, spacing = hu(ds), float(ds.PixelSpacing[0])
+        depth = inside_skull(image, spacing)
+        if (depth > 0).sum() * spacing**2 < 3000:
+            continue
+        side = max(6, round(4 / spacing))  # 4 mm blocks wholly 8 mm deep or more; the calmer half is uniform tissue
+        blocks = [image[y : y + side, x : x + side] for y in range(0, image.shape[0] - side, side)
+                  for x in range(0, image.shape[1] - side, side) if (depth[y : y + side, x : x + side] > 8).all()]
+        residuals = sorted((block - block.mean() for block in blocks), key=np.std)[: max(1, len(blocks) // 2)]
+        figures["sd"].append(float(np.median([r.std() for r in residuals[len(residuals) // 2 :]])))
+        figures["corr"].append(float(np.median([(r[:, 1:] * r[:, :-1]).mean() / r.var() for r in residuals])))
+        positive = labels[path.stem]["any"]
+        if not positive:
+            figures["rim"].append(float(image[(depth > 2) & (depth < 5)].mean() - image[depth > 12].mean()))
+        brightest = cv2.medianBlur(image.astype(np.float32), 5)[depth > 3].max()
+        figures["positive" if positive else "negative"].append(float(brightest))
+    return figures
+
+
+def test_site_a_is_the_phantom_as_before(small, tmp_path):
+    root, _ = small
+    again = tmp_path / "a"
+    generate(again, **SMALL, site="A")
+    assert all((again / "stage_2_train" / p.name).read_bytes() == p.read_bytes()
+               for p in (root / "stage_2_train").glob("*.dcm"))
+
+
+def test_each_site_writes_its_geometry_into_the_headers(sites):
+    for name, root in sites.items():
+        site = SITES[name]
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (root / "stage_2_train").glob("*.dcm")]
+        spacings = {round(float(ds.PixelSpacing[0]) * SITE_PHANTOM["size"]) for ds in headers}
+        assert spacings <= {round(fov) for fov in site.fields_of_view}, (name, spacings)
+        assert {float(ds.SliceThickness) for ds in headers} == {site.thickness}
+        # the gantry tilt is the angle of the column direction out of the axial plane
+        tilts = {round(math.degrees(math.asin(-float(ds.ImageOrientationPatient[5]))), 1) for ds in headers}
+        tilted = {t for t in tilts if t}
+        assert all(site.tilt[0] <= t <= site.tilt[1] for t in tilted), (name, tilts)
+        assert (0.0 in tilts) == (site.tilted < 1) and bool(tilted) == (site.tilted > 0), (name, tilts)
+    spacing = {name: float(pydicom.dcmread(next((root / "stage_2_train").glob("*.dcm"))).PixelSpacing[0])
+               for name, root in sites.items()}
+    assert spacing["B"] < spacing["A"] < spacing["C"]
+
+
+def test_each_site_has_its_noise_kernel_blood_and_beam_hardening(sites):
+    figures = {name: site_figures(root) for name, root in sites.items()}
+    for name, site in SITES.items():
+        sd = np.median(figures[name]["sd"])
+        assert site.noise[0] - 0.8 <= sd <= site.noise[1] + 0.5, (name, sd)
+    corr = {name: np.median(f["corr"]) for name, f in figures.items()}
+    # a sharp kernel anti-correlates neighbouring pixels' noise, a smooth one correlates it
+    assert corr["B"] < corr["A"] - 0.08 and corr["C"] > corr["A"] + 0.3, corr
+    # acute blood (A, B) is brighter than any brain; older blood (C) is barely brighter than grey matter
+    for name in "AB":
+        assert min(figures[name]["positive"]) >= 60 > max(figures[name]["negative"]) + 10, name
+    assert max(figures["C"]["positive"]) <= 52, figures["C"]["positive"]
+    rim = {name: np.mean(f["rim"]) for name, f in figures.items()}
+    # a beam-hardening rim of h HU fading over 5 mm adds about h/2 between 2 and 5 mm deep
+    assert all(rim[name] - rim["A"] > 0.25 * SITES[name].beam_hardening for name in "BC"), rim
+
+
+def test_an_unknown_site_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="data.phantom.site"):
+        generate(tmp_path, patients=1, slices=1, size=32, site="Z")
+
+
+def test_each_site_has_its_own_cache_folder_and_a_keeps_its_own(tmp_path):
+    settings = dict(patients=2, slices=3, size=32, seed=0, quirks=True)
+    before = phantom_root(tmp_path, settings)
+    assert phantom_root(tmp_path, {**settings, "site": "A"}) == before
+    assert phantom_root(tmp_path, {**settings, "site": "B"}).name == f"{before.name}-site-B"

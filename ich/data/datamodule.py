@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ich.core.privacy import pseudonym
 from ich.core.tasks import SUBTYPES, Task, get_task
-from ich.data.augment import build_augmentation
+from ich.data.augment import SiteAugmentation, build_augmentation, windowed_augment
 from ich.data.cache import SliceCache, load_or_build_cache
 from ich.data.dataset import (CacheLoader, DicomLoader, EpochShuffle, HUImageLoader, ImageLoader, MemoryLoader,
                               SliceDataset, as_bytes, collate_skipping, init_worker)
@@ -43,9 +43,12 @@ SOURCES = READERS
 
 
 def phantom_root(cache_dir: Path, settings: dict) -> Path:
-    """One folder per phantom setting, so a changed setting never reuses stale files."""
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir / f"phantom-{key}"
+    """One folder per phantom setting, so a changed setting never reuses stale files; the site is named in it
+    (phantom-<key>-site-B), except for site A, whose folder is the one written before sites existed."""
+    others = {name: value for name, value in settings.items() if name != "site"}
+    key = hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:10]
+    site = settings.get("site", "A")
+    return cache_dir / (f"phantom-{key}" if site == "A" else f"phantom-{key}-site-{site}")
 
 
 def ensure_phantom(cache_dir: Path, settings: dict) -> Path:
@@ -205,6 +208,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.balance, self.balance_ratio = balance, float(balance_ratio)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), num_workers, pin_memory
         self.augment = dict(augment or {})
+        self.site_augmentation = SiteAugmentation.from_config(self.augment)
         self.phantom = dict(phantom or {})
         self.modalities = tuple(modalities)
         self.volumes = None if source != "nifti" else VolumeSource(
@@ -216,7 +220,7 @@ class ICHDataModule(pl.LightningDataModule):
         self.parts: dict[str, ICHDataModule] = {}
         if source == "multi":
             shared = dict(cache_dir=cache_dir, cache=cache, windows=windows, context=context, image_size=image_size,
-                          modalities=modalities)
+                          modalities=modalities, augment=augment)
             self.parts = {name: ICHDataModule(task=task, label=label, **config)
                           for name, config in source_configs(sources, shared).items()}
             self._adopt_inputs()
@@ -389,7 +393,7 @@ class ICHDataModule(pl.LightningDataModule):
         table = table[task_rows(table, self.task) & table["split"].notna()]
         if table.empty:
             raise ValueError(f"No slices left for task={self.task.name} after filtering; check data.min_brain_fraction.")
-        augmentation = build_augmentation(**self.augment)
+        augmentation = build_augmentation(**windowed_augment(self.augment))
         for name in STAGES:
             part = table[table["split"] == name]
             if name == "train" and self.balance == "undersample":
@@ -407,6 +411,7 @@ class ICHDataModule(pl.LightningDataModule):
                 loader,
                 transform=augmentation if name == "train" else None,
                 seed=self.seed,
+                site=self.site_augmentation if name == "train" else None,
             )
         self.summary.update(
             slices_found=len(index),
@@ -421,8 +426,9 @@ class ICHDataModule(pl.LightningDataModule):
 
     def _loader(self, index: pd.DataFrame):
         """What turns an index row into windowed planes: the slice cache, or the DICOM or image file; read
-        once into memory when all slices fit in a small share of it (see MemoryLoader). Several sources: each
-        source's own loader for its rows."""
+        once into memory when all slices fit in a small share of it (see MemoryLoader): as HU under site
+        augmentation, which changes HU before windowing, else as planes. Several sources: each source's own loader
+        for its rows."""
         if self.parts:
             lengths = [len(part.index) for part in self.parts.values()]
             loaders = [part._loader(part.index) for part in self.parts.values()]
@@ -436,11 +442,13 @@ class ICHDataModule(pl.LightningDataModule):
             loader = DicomLoader(as_bytes(index["path"]), self.windows, self.image_size)
         else:
             loader = self._image_loader(index["path"])
-        needed = len(index) * loader.channels * self.image_size**2
+        keep_hu = self.site_augmentation is not None and loader.windows is not None
+        needed = len(index) * (2 if keep_hu else loader.channels) * self.image_size**2
         if needed > memory_budget():
             return loader
-        log.info("Reading the %d slices into memory once (%.0f MB) instead of every epoch", len(index), needed / 1e6)
-        return MemoryLoader(loader, len(index), self.image_size)
+        log.info("Reading the %d slices into memory once (%.0f MB%s) instead of every epoch", len(index), needed / 1e6,
+                 ", as HU for the site augmentation" if keep_hu else "")
+        return MemoryLoader(loader, len(index), self.image_size, keep_hu=keep_hu)
 
     def _image_loader(self, paths: pd.Series):
         """HU images are windowed as DICOMs are; windowed images are read as they are, with as many channels as

@@ -2,7 +2,8 @@
 
 One path per source: a DICOM (or its row of the slice cache), or a PNG/JPG slice that stores HU
 (data.encoding=hu), is read as int16 HU and windowed into uint8 planes here, in the loader workers, and
-nowhere else; other PNG/JPG slices come windowed already.
+nowhere else; other PNG/JPG slices come windowed already. A loader of HU gives both: `loader(row)` the planes,
+`loader.hu(row)` the HU, which the site augmentation (ich.data.augment) changes before windowing them itself.
 """
 
 import ctypes
@@ -20,6 +21,7 @@ from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
+from ich.data.augment import SiteAugmentation, SiteLook
 from ich.data.cache import SliceCache
 from ich.data.dicom import DicomReadError, read_hu_square, square_hu
 from ich.data.encoding import ImageEncoding
@@ -49,7 +51,11 @@ class DicomLoader:
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
-        return window_planes(read_hu_square(self.paths[row].decode(), self.size), self.windows)
+        return window_planes(self.hu(row), self.windows)
+
+    def hu(self, row: int) -> np.ndarray:
+        """The row's slice as int16 HU on the square, before windowing."""
+        return read_hu_square(self.paths[row].decode(), self.size)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,11 @@ class CacheLoader:
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
-        return window_planes(self.cache.row(row), self.windows)
+        return window_planes(self.hu(row), self.windows)
+
+    def hu(self, row: int) -> np.ndarray:
+        """The row's slice as int16 HU on the square, before windowing (a read-only view into the cache)."""
+        return self.cache.row(row)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class ImageLoader:
     paths: np.ndarray
     size: int
     channels: int = 1
+    windows = None  # its pixels are windowed already, with no HU to window again (see `hu` of the others)
 
     def __call__(self, row: int) -> list[np.ndarray]:
         image = read_image(self.paths[row].decode(), cv2.IMREAD_UNCHANGED)
@@ -103,8 +114,12 @@ class HUImageLoader:
         return len(self.windows)
 
     def __call__(self, row: int) -> list[np.ndarray]:
+        return window_planes(self.hu(row), self.windows)
+
+    def hu(self, row: int) -> np.ndarray:
+        """The row's slice as int16 HU on the square, before windowing."""
         pixels = read_image(self.paths[row].decode(), cv2.IMREAD_ANYDEPTH)  # one channel, 16 bits kept
-        return window_planes(square_hu(self.encoding.to_hu(pixels), self.size), self.windows)
+        return square_hu(self.encoding.to_hu(pixels), self.size)
 
 
 def read_image(path: str, flags: int) -> np.ndarray:
@@ -121,16 +136,24 @@ class MemoryLoader:
 
     The planes are one uint8 array [rows, channels, size, size]; loader workers share it with the main
     process. A row that failed to read raises the error it raised then, so it is skipped as before.
+    With `keep_hu` (site augmentation, which changes HU before windowing) it keeps the int16 HU instead,
+    [rows, size, size], and windows them at each access as the loader it read them with would.
     """
 
-    def __init__(self, loader, rows: int, size: int, threads: int | None = None):
+    def __init__(self, loader, rows: int, size: int, threads: int | None = None, keep_hu: bool = False):
+        if keep_hu and loader.windows is None:
+            raise ValueError("MemoryLoader(keep_hu=True) needs a loader of HU; windowed images have none: "
+                             "keep their planes (keep_hu=False).")
         self.channels = loader.channels
-        self.planes = np.zeros((rows, loader.channels, size, size), np.uint8)
+        self.windows = loader.windows if keep_hu else None  # None: planes only, as ImageLoader gives
+        # what was read: uint8 planes [rows, channels, size, size], or with keep_hu int16 HU [rows, size, size]
+        self.slices = np.zeros((rows, size, size) if keep_hu else (rows, loader.channels, size, size),
+                               np.int16 if keep_hu else np.uint8)
         self.failed: dict[int, Exception] = {}
 
         def read(row: int) -> None:
             try:
-                self.planes[row] = np.stack(loader(row))
+                self.slices[row] = loader.hu(row) if keep_hu else np.stack(loader(row))
             except (DicomReadError, OSError) as err:  # skipped at access, like an unreadable file
                 self.failed[row] = err
 
@@ -139,9 +162,17 @@ class MemoryLoader:
                       mininterval=1.0, disable=rows < 1000))
 
     def __call__(self, row: int) -> list[np.ndarray]:
+        if self.windows is not None:
+            return window_planes(self.hu(row), self.windows)
         if row in self.failed:
             raise self.failed[row]
-        return list(self.planes[row])
+        return list(self.slices[row])
+
+    def hu(self, row: int) -> np.ndarray:
+        """The row's int16 HU (with keep_hu only)."""
+        if row in self.failed:
+            raise self.failed[row]
+        return self.slices[row]
 
 
 def as_bytes(values) -> np.ndarray:
@@ -160,24 +191,28 @@ class SliceDataset(Dataset):
             series (one column without context). The centre column is the labelled slice itself.
         targets: per item the target row (float labels, or a class index for subtype).
         image_ids: byte strings [N], per item the id reported in predictions.
-        loader: turns one row into HxW uint8 planes, one per channel.
+        loader: turns one row into HxW uint8 planes, one per channel; one of HU (its `windows` set) also gives
+            the row's HU (`loader.hu(row)`).
         transform: an albumentations pipeline for training, or None for validation and test.
+        site: the site augmentation for training (ich.data.augment), or None: applied to the HU of a loader of HU
+            before windowing, else to the windowed planes, and before `transform`.
     """
 
     def __init__(self, stacks: np.ndarray, targets: np.ndarray, image_ids: np.ndarray, loader,
-                 transform: A.BaseCompose | None = None, seed: int = 0):
+                 transform: A.BaseCompose | None = None, seed: int = 0, site: SiteAugmentation | None = None):
         stacks = np.asarray(stacks, dtype=np.int64)
         self.stacks = stacks if stacks.ndim == 2 else stacks[:, None]
         self.targets, self.image_ids = targets, image_ids
-        self.loader, self.transform, self.seed = loader, transform, seed
+        self.loader, self.transform, self.seed, self.site = loader, transform, seed, site
 
     def __len__(self) -> int:
         return len(self.stacks)
 
-    def subset(self, items: np.ndarray, transform: A.BaseCompose | None = None) -> "SliceDataset":
-        """These items only (row numbers of this dataset), with `transform` instead of this one's."""
+    def subset(self, items: np.ndarray, transform: A.BaseCompose | None = None,
+               site: SiteAugmentation | None = None) -> "SliceDataset":
+        """These items only (row numbers of this dataset), with `transform` and `site` instead of this one's."""
         return SliceDataset(self.stacks[items], self.targets[items], self.image_ids[items], self.loader,
-                            transform, self.seed)
+                            transform, self.seed, site)
 
     @property
     def channels(self) -> int:
@@ -187,8 +222,13 @@ class SliceDataset(Dataset):
 
     def image(self, i: int, epoch: int | None = None) -> np.ndarray:
         """Slice `i` as an HxWxC uint8 image; with an `epoch` (from EpochShuffle) its augmentation is
-        seeded by (seed, epoch, i)."""
-        planes = [plane for row in self.stacks[i] for plane in self.loader(int(row))]
+        seeded by (seed, epoch, i), the site augmentation's too."""
+        if self.site is None:
+            planes = [plane for row in self.stacks[i] for plane in self.loader(int(row))]
+        else:
+            rng = np.random.default_rng(None if epoch is None else self._seed(i, epoch))
+            look = self.site.draw(rng, self.loader.windows)
+            planes = [plane for row in self.stacks[i] for plane in self._site_planes(look, int(row))]
         if len(planes) == 1:
             planes *= 3  # one window: three identical channels for ImageNet stems
         image = merge_channels(planes)
@@ -197,6 +237,12 @@ class SliceDataset(Dataset):
                 self.transform.set_random_seed(self._seed(i, epoch))
             image = self.transform(image=image)["image"]
         return np.ascontiguousarray(image)
+
+    def _site_planes(self, look: SiteLook, row: int) -> list[np.ndarray]:
+        """One row's planes in the look of another scanner: from its HU where the loader has them."""
+        if self.loader.windows is None:
+            return look.planes(self.loader(row))
+        return look.hu_planes(self.loader.hu(row))
 
     def _seed(self, i: int, epoch: int) -> int:
         return int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])

@@ -19,8 +19,9 @@ READERS = ("phantom", "rsna", "images", "nifti")  # what one source can be: the 
 SOURCE_KEYS = ("source", "root", "image_dir", "labels", "phantom", "masks", "mask_labels", "min_mask_pixels",
                "label_columns", "first_slice", "patient_pattern", "encoding", "encoding_window", "hu_scale",
                "hu_offset", "hu_clip", "modalities", "cache", "windows", "context", "image_size")
-# The run's keys a source inherits unless it sets them: what its own index and loader need.
-SHARED_KEYS = ("cache_dir", "cache", "windows", "context", "image_size", "modalities")
+# The run's keys a source inherits unless it sets them: what its own index and loader need (augment only tells its
+# loader to keep HU in memory for the site augmentation, which the run applies).
+SHARED_KEYS = ("cache_dir", "cache", "windows", "context", "image_size", "modalities", "augment")
 # Columns that name a slice, a patient, a study or a series: prefixed by the source's name.
 ID_COLUMNS = ("image_id", "patient", "study", "series")
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -98,9 +99,23 @@ class SourceLoaders:
         """Channels per slice that reach the model (the same for every source, checked at setup)."""
         return self.loaders[0].channels
 
+    @property
+    def windows(self):
+        """The windows every source's planes are made with (the same, checked at setup), or None: images as read."""
+        return self.loaders[0].windows
+
     def __call__(self, row: int) -> list[np.ndarray]:
+        loader, own = self._source_row(row)
+        return loader(own)
+
+    def hu(self, row: int) -> np.ndarray:
+        """The row's HU, for the site augmentation (ich.data.augment) to change before windowing."""
+        loader, own = self._source_row(row)
+        return loader.hu(own)
+
+    def _source_row(self, row: int) -> tuple:
         part = int(np.searchsorted(self.starts, row, side="right")) - 1
-        return self.loaders[part](row - int(self.starts[part]))
+        return self.loaders[part], row - int(self.starts[part])
 
 
 def starts_of(lengths: Sequence[int]) -> np.ndarray:

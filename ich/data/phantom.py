@@ -10,12 +10,17 @@ Anatomy is drawn in the head's own frame, in mm: `u` left-right, `v` anterior-po
 positive, i.e. down the image), `w` along the slice normal. The DICOM geometry only places that frame
 in patient space, so a tilted series is the same head as an upright one.
 
+Every file comes from one scanner of one hospital, a `Site` of SITES: site A is the phantom as it always was,
+sites B and C image the same heads on other scanners (noise, reconstruction kernel, field of view, slice
+thickness, gantry tilt, beam hardening) and, at C, in another population (older, less dense bleeds). Training on
+one site and testing on another is the site-shift test bed (`python -m ich.site_shift`).
+
 `python -m ich.phantom` writes it anywhere.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -29,10 +34,8 @@ from tqdm import tqdm
 from ich.core.tasks import LABELS, SUBTYPES
 from ich.data.windows import Window
 
-SLICE_MM = 5.0
-FIELDS_OF_VIEW_MM = (230.0, 240.0, 250.0)  # scanner reconstruction diameters; spacing = fov / size
+SLICE_MM = 5.0  # distance between slice centres at every site: the heads are the same, only the scanners differ
 POSITIVE_PATIENTS = 0.55  # share of patients with any hemorrhage
-TILTED_PATIENTS = 1 / 3  # share of series acquired with a tilted gantry
 PADDED_PATIENTS = 1 / 3  # share of series padded outside the circular field of view
 MIN_BLOOD_PIXELS = 5  # a bleed is drawn and labelled on a slice only when it covers this many pixels
 MIN_BLOOD_MM2 = 10.0  # ... and at least this area
@@ -51,6 +54,52 @@ FILE_QUIRKS = {
 QUIRK_KINDS = ("wrap_12bit", *FILE_QUIRKS, "duplicate_rows")
 # Mask value of each subtype in render_series: 1 + its place in SUBTYPES, as BHSD's masks number them.
 MASK_VALUES = {subtype: value for value, subtype in enumerate(SUBTYPES, start=1)}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One scanner and its hospital: what they make of the same heads. Every field is measurable in the written
+    DICOMs (tests/test_phantom.py measures them from the files)."""
+
+    name: str
+    noise: tuple[float, float]  # standard deviation of the image noise in uniform tissue, HU, drawn per patient
+    kernel: str  # reconstruction kernel: "drawn" (edges as drawn, white noise), "smooth" or "sharp"
+    kernel_mm: float  # Gaussian sigma of the smoothing, or of the unsharp mask that sharpens, mm
+    fields_of_view: tuple[float, ...]  # reconstruction diameters, mm; pixel spacing = field of view / size
+    thickness: float  # SliceThickness, mm (the tag; each slice is drawn as one plane at every site)
+    tilted: float  # share of series acquired with a tilted gantry
+    tilt: tuple[float, float]  # their tilt, degrees
+    bleed_hu: tuple[float, float] | None  # blood density range, HU; None: acute, as drawn per subtype (55-80 HU)
+    beam_hardening: float  # HU added to the brain at the skull's inner table, fading inwards over BEAM_HARDENING_MM
+
+
+SHARPEN = 2.0  # weight of the unsharp mask of a sharp kernel: image + SHARPEN * (image - blurred image)
+BEAM_HARDENING_MM = 5.0  # depth over which an uncorrected beam-hardening rim fades (exponentially)
+# The sites, from textbook ranges of clinical head CT rather than from one vendor's sheet: noise SD of 3-6 HU in
+# brain for a standard-dose soft-tissue kernel, roughly doubled at half the dose or with a sharp kernel (noise goes
+# as 1/sqrt(dose) and rises with kernel sharpness); display fields of view of 200-250 mm for an adult head; axial
+# slices 5 mm thick, with 2.5-3 mm thin reconstructions; gantry tilts of 10-25 degrees along the orbitomeatal line
+# on step-and-shoot scanners, none on helical ones; acute hematoma 60-80 HU, isodense 30-50 HU after one to two
+# weeks; a hyperdense rim of a few HU under the skull where beam-hardening correction is incomplete.
+SITES: dict[str, Site] = {
+    # the phantom as it always was: its files are byte for byte those written before sites existed
+    "A": Site("A", noise=(3.0, 6.0), kernel="drawn", kernel_mm=0.0, fields_of_view=(230.0, 240.0, 250.0),
+              thickness=5.0, tilted=1 / 3, tilt=(11.0, 15.0), bleed_hu=None, beam_hardening=0.0),
+    # another vendor's helical scanner at a lower dose: a sharp kernel, a tight field of view, thin slices, no tilt
+    "B": Site("B", noise=(8.0, 12.0), kernel="sharp", kernel_mm=0.5, fields_of_view=(210.0, 220.0),
+              thickness=2.5, tilted=0.0, tilt=(0.0, 0.0), bleed_hu=None, beam_hardening=4.0),
+    # an older step-and-shoot scanner with a smooth kernel, every series tilted, and patients who come days late
+    "C": Site("C", noise=(2.0, 4.0), kernel="smooth", kernel_mm=0.7, fields_of_view=(250.0, 260.0, 280.0),
+              thickness=5.0, tilted=1.0, tilt=(18.0, 22.0), bleed_hu=(30.0, 50.0), beam_hardening=6.0),
+}
+ACUTE_HU = (55.0, 80.0)  # the range the subtypes' blood densities are drawn from, mapped onto a site's bleed_hu
+
+
+def get_site(name: str) -> Site:
+    """The Site of a name of SITES (data.phantom.site, `python -m ich.phantom --site`)."""
+    if name not in SITES:
+        raise ValueError(f"Unknown phantom site {name!r}: choose one of {', '.join(SITES)} (data.phantom.site).")
+    return SITES[name]
 
 
 @dataclass(frozen=True)
@@ -119,6 +168,7 @@ class Patient:
     spacing: float
     padding: int | None  # HU written outside the circular field of view, or None
     window: tuple[int, int]
+    site: Site = SITES["A"]
 
 
 @dataclass
@@ -156,7 +206,7 @@ def _hex_ids(rng: np.random.Generator, count: int, digits: int) -> list[str]:
     return [f"ID_{int(x):0{digits}x}" for x in values]
 
 
-def _head(rng: np.random.Generator, slices: int) -> Head:
+def _head(rng: np.random.Generator, slices: int, site: Site) -> Head:
     height = SLICE_MM * (slices - 1) / 2 + 3.0
     return Head(
         a=rng.uniform(68, 76),
@@ -170,7 +220,7 @@ def _head(rng: np.random.Generator, slices: int) -> Head:
         grey=rng.uniform(33, 38),
         white=rng.uniform(24, 30),
         csf=rng.uniform(4, 10),
-        noise=rng.uniform(3, 6),
+        noise=rng.uniform(*site.noise),
         sulci=int(rng.integers(16, 25)),
         sulcus_phase=rng.uniform(0, 2 * math.pi),
         sulcus_warp=rng.uniform(0, 2 * math.pi),
@@ -233,15 +283,24 @@ def _bleeds(rng: np.random.Generator, primary: str | None, head: Head, slices: i
     return tuple(_bleed(rng, s, head, span) for s in subtypes)
 
 
+def _site_blood(bleed: Bleed, site: Site) -> Bleed:
+    """The bleed at the site's blood density: the acute value drawn for its subtype mapped onto site.bleed_hu."""
+    if site.bleed_hu is None:
+        return bleed
+    low, high = site.bleed_hu
+    return replace(bleed, hu=low + (bleed.hu - ACUTE_HU[0]) / (ACUTE_HU[1] - ACUTE_HU[0]) * (high - low))
+
+
 def _patient(
-    index: int, seed: int, slices: int, size: int, ids: dict, primary: str | None, tilted: bool, padded: bool
+    index: int, seed: int, slices: int, size: int, ids: dict, primary: str | None, tilted: bool, padded: bool,
+    site: Site,
 ) -> Patient:
     rng = np.random.default_rng([seed, 1, index])
-    head = _head(rng, slices)
-    bleeds = _bleeds(rng, primary, head, slices)
+    head = _head(rng, slices, site)
+    bleeds = tuple(_site_blood(bleed, site) for bleed in _bleeds(rng, primary, head, slices))
     given = ("Ada", "Bo", "Cleo", "Dov", "Edda", "Finn", "Gus", "Hana")[index % 8]
     birth = f"{rng.integers(1930, 2005)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"
-    fov = float(rng.choice(FIELDS_OF_VIEW_MM))
+    fov = float(rng.choice(site.fields_of_view))
     padding = int(rng.choice([-2000, -3024]))
     window = (40, 80) if rng.random() < 0.7 else (36, 80)
     return Patient(
@@ -255,16 +314,19 @@ def _patient(
         birth_date=birth,
         head=head,
         bleeds=bleeds,
-        tilt_deg=round(rng.uniform(11, 15), 2) if tilted else 0.0,
+        tilt_deg=round(rng.uniform(*site.tilt), 2) if tilted else 0.0,
         centre=(rng.uniform(-15, 15), rng.uniform(-10, 30), rng.uniform(-150, 60)),
         spacing=round(fov / size, 6),
         padding=padding if padded else None,
         window=window,
+        site=site,
     )
 
 
-def plan_patients(patients: int, slices: int, size: int, seed: int) -> list[Patient]:
-    """Decide every patient up front: ids, who bleeds (with which lead subtype), who is tilted or padded."""
+def plan_patients(patients: int, slices: int, size: int, seed: int, site: str = "A") -> list[Patient]:
+    """Decide every patient up front: ids, who bleeds (with which lead subtype), who is tilted or padded. The same
+    seed gives the same heads and bleeds at every site; the site decides how they are imaged."""
+    scanner = get_site(site)
     rng = np.random.default_rng([seed, 0])
     ids = {
         "image": _hex_ids(rng, patients * slices, 9),
@@ -277,10 +339,12 @@ def plan_patients(patients: int, slices: int, size: int, seed: int) -> list[Pati
     # every subtype, epidural included, leads in some positive scan once there are five of them
     leads = rng.permutation(SUBTYPES).tolist()
     primaries = {int(p): leads[j % len(leads)] for j, p in enumerate(rng.permutation(positives))}
-    tilted = set(rng.permutation(patients)[: max(1, round(patients * TILTED_PATIENTS))].tolist())
+    tilted_count = max(1, round(patients * scanner.tilted)) if scanner.tilted else 0
+    tilted = set(rng.permutation(patients)[:tilted_count].tolist())
     padded = set(rng.permutation(patients)[: max(1, round(patients * PADDED_PATIENTS))].tolist())
     return [
-        _patient(i, seed, slices, size, ids, primaries.get(i), i in tilted, i in padded) for i in range(patients)
+        _patient(i, seed, slices, size, ids, primaries.get(i), i in tilted, i in padded, scanner)
+        for i in range(patients)
     ]
 
 
@@ -474,6 +538,8 @@ def _draw_head(
         if mask is not None:
             mask[blood] = MASK_VALUES[bleed.subtype]
         visible.add(bleed.subtype)
+    if p.site.beam_hardening:  # the scanner's, over whatever lies under the skull, blood included
+        hu[brain] += p.site.beam_hardening * np.exp(-depth[brain] / BEAM_HARDENING_MM)
     return hu, visible
 
 
@@ -494,10 +560,24 @@ def render_slice(
     hu[box], visible = _draw_head(p, w, u, v, None if mask is None else mask[box])
 
     rng = np.random.default_rng([p.seed, 2, p.index, k, rows, cols])
-    hu += rng.standard_normal((rows, cols), dtype=np.float32) * head.noise
+    noise = rng.standard_normal((rows, cols), dtype=np.float32)
+    if p.site.kernel != "drawn":
+        hu = reconstruction_kernel(hu, p.site, p.spacing)
+        noise = reconstruction_kernel(noise, p.site, p.spacing)
+        noise /= noise.std()  # the kernel shapes the noise's texture; the site's noise level stays its SD
+    hu += noise * head.noise
     if p.padding is not None:  # outside the circular field of view
         hu[x[None, :] ** 2 + y[:, None] ** 2 > (p.spacing * min(rows, cols) / 2) ** 2] = p.padding
     return np.rint(hu), visible
+
+
+def reconstruction_kernel(image: np.ndarray, site: Site, spacing: float) -> np.ndarray:
+    """The image as a smooth or a sharp reconstruction kernel gives it: a Gaussian blur of kernel_mm, or an
+    unsharp mask (edges overshoot, fine detail and noise rise) of that width."""
+    blurred = cv2.GaussianBlur(image, (0, 0), site.kernel_mm / spacing, borderType=cv2.BORDER_REPLICATE)
+    if site.kernel == "smooth":
+        return blurred
+    return image + SHARPEN * (image - blurred)
 
 
 def render_series(p: Patient, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -571,7 +651,7 @@ def slice_dataset(p: Patient, k: int, enc: Encoded, quirk: str | None) -> Datase
     ds.ImagePositionPatient = [round(float(x), 4) + 0.0 for x in corner]
     ds.ImageOrientationPatient = [*row_dir.tolist(), *col_dir.tolist()]
     ds.PixelSpacing = [p.spacing, p.spacing]
-    ds.SliceThickness = SLICE_MM
+    ds.SliceThickness = p.site.thickness
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = enc.photometric
     ds.Rows, ds.Columns = rows, cols
@@ -626,9 +706,11 @@ def _check_settings(patients: int, slices: int, size: int) -> None:
 
 
 def generate(
-    out_dir: str | Path, patients: int = 40, slices: int = 12, size: int = 512, seed: int = 0, quirks: bool = True
+    out_dir: str | Path, patients: int = 40, slices: int = 12, size: int = 512, seed: int = 0, quirks: bool = True,
+    site: str = "A",
 ) -> dict:
-    """Write the phantom into `out_dir` (RSNA layout) and return what was written.
+    """Write the phantom into `out_dir` (RSNA layout) as `site` (a name of SITES) images it, and return what was
+    written.
 
     The summary holds counts (`files`, `positives` per label), `quirks` (kind -> image ids,
     empty lists with `quirks=False`), `tilted` (PatientIDs of tilted series) and `series`
@@ -638,7 +720,7 @@ def generate(
     out = Path(out_dir)
     image_dir = out / "stage_2_train"
     image_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_patients(patients, slices, size, seed)
+    plan = plan_patients(patients, slices, size, seed, site)
     file_quirks = assign_quirks(plan, seed) if quirks else {}
 
     labels: dict[str, set[str]] = {}
@@ -654,6 +736,7 @@ def generate(
     by_kind["duplicate_rows"] = sorted(duplicated)
     return {
         "out_dir": str(out),
+        "site": site,
         "files": len(labels),
         "positives": {
             label: sum(bool(s) if label == "any" else label in s for s in labels.values()) for label in LABELS
@@ -666,7 +749,7 @@ def generate(
 
 def generate_images(
     out_dir: str | Path, patients: int = 40, slices: int = 12, size: int = 512, seed: int = 0,
-    window: tuple[float, float] = (40.0, 80.0),
+    window: tuple[float, float] = (40.0, 80.0), site: str = "A",
 ) -> dict:
     """Write the same phantom as an image folder (`data=images`): one brain-windowed 8-bit PNG per slice in
     `images/`, and `labels.csv` with `filename`, `patient`, `series`, `slice` (its number along the head) and
@@ -676,7 +759,7 @@ def generate_images(
     (out / "images").mkdir(parents=True, exist_ok=True)
     brain = Window(*window)
     rows = []
-    for p in tqdm(plan_patients(patients, slices, size, seed), desc="phantom images", unit="patient", disable=None):
+    for p in tqdm(plan_patients(patients, slices, size, seed, site), desc="phantom images", unit="patient", disable=None):
         for k, image_id in enumerate(p.image_ids):
             hu, shown = render_slice(p, k, size, size)
             cv2.imwrite(str(out / "images" / f"{image_id}.png"), brain(hu))
