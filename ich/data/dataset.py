@@ -33,17 +33,10 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-@dataclass(frozen=True)
-class DicomLoader:
-    """Index row -> its DICOM file as int16 HU on a square of `size` -> one uint8 plane per window.
+class HULoader:
+    """What the loaders of HU share: a row's planes are its HU (`hu(row)`, from the subclass) in each of `windows`."""
 
-    `paths` is a numpy array of byte strings (one per index row), not a list of Python strings: loader
-    workers would copy every string object they touch (reference counts), an array they only read.
-    """
-
-    paths: np.ndarray
     windows: tuple[Window, ...]
-    size: int
 
     @property
     def channels(self) -> int:
@@ -54,24 +47,32 @@ class DicomLoader:
         return window_planes(self.hu(row), self.windows)
 
     def hu(self, row: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DicomLoader(HULoader):
+    """Index row -> its DICOM file as int16 HU on a square of `size` -> one uint8 plane per window.
+
+    `paths` is a numpy array of byte strings (one per index row), not a list of Python strings: loader
+    workers would copy every string object they touch (reference counts), an array they only read.
+    """
+
+    paths: np.ndarray
+    windows: tuple[Window, ...]
+    size: int
+
+    def hu(self, row: int) -> np.ndarray:
         """The row's slice as int16 HU on the square, before windowing."""
         return read_hu_square(self.paths[row].decode(), self.size)
 
 
 @dataclass(frozen=True)
-class CacheLoader:
+class CacheLoader(HULoader):
     """Index row -> the same planes as DicomLoader, from the slice cache (whose rows follow the index)."""
 
     cache: SliceCache
     windows: tuple[Window, ...]
-
-    @property
-    def channels(self) -> int:
-        """Channels per slice that reach the model."""
-        return len(self.windows)
-
-    def __call__(self, row: int) -> list[np.ndarray]:
-        return window_planes(self.hu(row), self.windows)
 
     def hu(self, row: int) -> np.ndarray:
         """The row's slice as int16 HU on the square, before windowing (a read-only view into the cache)."""
@@ -99,7 +100,7 @@ class ImageLoader:
 
 
 @dataclass(frozen=True)
-class HUImageLoader:
+class HUImageLoader(HULoader):
     """Table row -> a PNG/JPG slice that stores HU (data.encoding=hu) as int16 HU on a square of `size`, as
     DicomLoader makes a DICOM's -> one uint8 plane per window: the planes a DICOM of the same HU gives."""
 
@@ -107,14 +108,6 @@ class HUImageLoader:
     encoding: ImageEncoding
     windows: tuple[Window, ...]
     size: int
-
-    @property
-    def channels(self) -> int:
-        """Channels per slice that reach the model."""
-        return len(self.windows)
-
-    def __call__(self, row: int) -> list[np.ndarray]:
-        return window_planes(self.hu(row), self.windows)
 
     def hu(self, row: int) -> np.ndarray:
         """The row's slice as int16 HU on the square, before windowing."""
