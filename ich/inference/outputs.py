@@ -59,14 +59,18 @@ class Outputs:
         relative = str(image.path.relative_to(root))
         return relative if self.keep_ids else pseudonym(relative)
 
-    def add(self, result: StudyResult, root: Path) -> None:
+    def add(self, result: StudyResult, root: Path, tiles: list[tuple[np.ndarray, str]] | None = None) -> None:
         """One study's rows in every file, its heat maps (when positive) and its section of the report, kept only
-        once all are made: a study that fails on the way leaves nothing half written."""
+        once all are made: a study that fails on the way leaves nothing half written. `tiles`: its heat maps when
+        the caller drew them already (the DICOM node, for its Secondary Captures), so they are not drawn twice."""
         row = self.study_row(result)
         skipped = self.skipped_rows(result.study, root)
         slices = [self.slice_rows(result.study, r, result.is_read(r)) for r in result.results]
         series = self.series_rows(result)
-        tiles = self.draw_heatmaps(result) if row["positive"] == 1 else []
+        if row["positive"] != 1:
+            tiles = []
+        elif tiles is None:
+            tiles = self.draw_heatmaps(result)
         section = self.study_section(row, result, tiles)
         self.studies.append(row)
         self.skipped += skipped

@@ -159,10 +159,11 @@ class Node:
         for study in studies:  # one: the spool keeps a folder per study
             try:
                 result = predict_study(study, self.model, self.min_slices)
+                tiles = outputs.draw_heatmaps(result) if result.read else None  # the SCs, and a positive report
                 if result.read:
-                    datasets = answer_datasets(result, self.model, outputs, outputs.draw_heatmaps(result), self.about,
-                                               self.uid_root, number, self.previous_sr(key, answers))
-                outputs.add(result, folder)
+                    datasets = answer_datasets(result, self.model, outputs, tiles, self.about, self.uid_root, number,
+                                               self.previous_sr(key, answers))
+                outputs.add(result, folder, tiles)
             except Exception as err:  # the study's boundary, as in predict.py: listed as failed, the node goes on
                 record["failed"] = failure_reason(err)
                 log.error("Study %s failed and is listed as failed: %s", key, record["failed"])
