@@ -22,7 +22,8 @@ from ich.data.index import brain_fraction, head_figures
 from ich.data.seen import series_figures
 from ich.evaluation.exam import combine_series, series_exam_probabilities
 from ich.evaluation.operating import HEADLINE_LABEL, called
-from ich.inference.deploy import EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen
+from ich.inference.deploy import (EXPORT_FORMATS, HUModel, load_deployed, model_checkpoint, operating_point_chosen,
+                                  require_windows)
 from ich.inference.study import TOO_FEW_SLICES, Series, Study, read_on
 from ich.training.sequence import SequenceLitModule, is_stage_two, predict_series
 
@@ -105,10 +106,7 @@ def sequence_predictor(checkpoint: Path, batch_size: int) -> Predictor:
     """A stage-2 checkpoint: the encoder it carries makes each slice's features, the sequence model reads the series;
     slices are called at its slice thresholds, exams at its exam output's own."""
     model = SequenceLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    if model.hparams.inputs["windows"] is None:
-        raise ValueError(f"{checkpoint} was trained over an encoder of PNG/JPG slices of an unknown window (data.encoding="
-                         "none), which has no window to apply to HU: train its encoder with data.encoding=window "
-                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
+    require_windows(model.hparams.inputs, f"{checkpoint} was trained over an encoder of", "its encoder")
     if model.task.loss != "bce":
         raise ValueError(f"{checkpoint} is a stage-2 subtype model, whose exam output is not trained: predict with the "
                          "stage-1 subtype run it was trained on (model.encoder) instead.")

@@ -150,11 +150,17 @@ def load_model(checkpoint: Path) -> ICHLitModule:
     if not inputs:
         raise ValueError(f"{checkpoint} does not say how its inputs were made (it predates self-describing "
                          "checkpoints): train it again with this version of ich.")
-    if inputs["windows"] is None:
-        raise ValueError(f"{checkpoint} was trained on PNG/JPG slices of an unknown window (data=images with "
-                         "data.encoding=none), so it has no window to apply to HU: train it with data.encoding=window "
-                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
+    require_windows(inputs, f"{checkpoint} was trained on", "it")
     return model.float().to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+
+
+def require_windows(inputs: dict, trained_on: str, retrain: str) -> None:
+    """A model of PNG/JPG slices of an unknown window (data.encoding=none) has no window to apply to HU: refused,
+    naming the option to train it with. `trained_on` begins the sentence, `retrain` names what to train again."""
+    if inputs["windows"] is None:
+        raise ValueError(f"{trained_on} PNG/JPG slices of an unknown window (data=images with data.encoding=none), so "
+                         f"it has no window to apply to HU: train {retrain} with data.encoding=window "
+                         "data.encoding_window=[CENTRE,WIDTH], the window its images were made with.")
 
 
 def autocast(precision: str) -> torch.autocast:
