@@ -98,7 +98,7 @@ def training_source(inputs: Mapping) -> TrainingSource:
     data = entry["data"]
     if data == "multi":
         parts = {name: training_source({"trained_on": part}) for name, part in entry["sources"].items()}
-        said = "; ".join(f"{name}: {part.text}" for name, part in parts.items())
+        said = " ".join(f"{name}: {part.text}" for name, part in parts.items())  # each a sentence of its own
         level = "synthetic" if entry["synthetic"] else "real"
         return TrainingSource(f"Trained on several sources (data=multi). {said}", level)
     if data == "phantom":
