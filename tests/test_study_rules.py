@@ -139,9 +139,9 @@ def scanned(studies):
 
 
 def fake_series(number: str, z: list[float], thickness: float, kernel: str = "H31s", agent: str = "",
-                description: str = "") -> Series:
+                description: str = "", body_part: str = "") -> Series:
     images = [ImageFile(path=Path(f"{number}-{k}"), position=p, thickness=thickness, kernel=kernel,
-                        contrast_agent=agent, description=description) for k, p in enumerate(z)]
+                        contrast_agent=agent, description=description, body_part=body_part) for k, p in enumerate(z)]
     return Series(key=number, number=number, slices=images)
 
 
@@ -184,6 +184,19 @@ def test_contrast_series_rank_after_every_plain_series():
 ])
 def test_contrast_is_told_by_the_agent_tag_or_the_description_words(description, agent, contrast):
     assert contrast_series(description, agent) == contrast
+
+
+def test_a_cervical_spine_of_the_same_study_is_never_read_for_the_head_even_with_more_slices():
+    """A trauma study: the head (30 x 5 mm, 0 to 145 mm) and the cervical spine (50 x 5 mm, -240 to 5 mm, reaching
+    into the skull base) in one soft kernel. By slices alone the spine would win; by position it adjoins the head."""
+    head = fake_series("2", [5.0 * k for k in range(30)], 5.0, body_part="HEAD")
+    spine = fake_series("3", [-240.0 + 5.0 * k for k in range(50)], 5.0, body_part="CSPINE")
+    unlabelled = fake_series("4", [5.0 * k for k in range(30)], 5.0)
+    assert numbered(read_on([spine, head])) == ["2"]
+    assert numbered(read_on([spine, unlabelled])) == ["4"]  # a head that names no part still comes first
+    assert numbered(read_on([spine])) == ["3"]  # nothing else: read, and its description says what it is
+    assert spine.describe() == "series 3: 50 slices, 5 mm, kernel H31s, -240.0 to 5.0 mm, body part CSPINE"
+    assert head.other_part == "" and fake_series("5", [0.0, 5.0], 5.0, body_part="HEADNECK").other_part == ""
 
 
 def test_a_split_protocol_is_read_on_both_ranges_and_copies_of_a_range_are_alternatives():

@@ -55,6 +55,8 @@ CONTRAST_WORDS = re.compile(r"(?<![A-Z0-9])(CTA|CTV|ANGIO[A-Z]*|VENO[A-Z]*|CONTR
 NO_CONTRAST = re.compile(r"(?<![A-Z0-9])((W/?O|WITHOUT|NON|NO|PRE)[\s/_-]*(IV[\s_-]*)?(CONTRAST|CON|C|ENHANCED)"
                          r"|NONCON[A-Z]*|C-)(?![A-Z0-9])")
 NO_AGENT = re.compile(r"^\W*(NONE|NO|N/?A|0)?\W*$")  # ContrastBolusAgent values that name no agent
+# BodyPartExamined values (DICOM PS3.16 CID 4031) of a series that images the head; any other names another body part
+HEAD_PARTS = frozenset({"", "HEAD", "BRAIN", "SKULL", "HEADNECK", "HEAD NECK"})
 # A series joins the reading of its study when less than this share of its span lies in the spans already read
 JOIN_OVERLAP = 0.5
 # ...and when it meets them: the fossa and cerebrum of a split protocol adjoin or overlap, while a series further
@@ -83,6 +85,7 @@ class ImageFile:
     kernel: str = ""  # ConvolutionKernel, its values joined by "/"
     description: str = ""  # SeriesDescription
     contrast_agent: str = ""  # ContrastBolusAgent (0018,0010)
+    body_part: str = ""  # BodyPartExamined (0018,0015), upper case
 
 
 @dataclass
@@ -130,6 +133,13 @@ class Series:
         return any(contrast_series(description, agent) for description, agent in tags)
 
     @property
+    def other_part(self) -> str:
+        """The BodyPartExamined of a series that says it images something else than the head (CSPINE, CHEST), or
+        "" for a head or a series that does not say."""
+        parts = {image.body_part for image in self.slices} - HEAD_PARTS
+        return sorted(parts)[0] if parts else ""
+
+    @property
     def span(self) -> tuple[float, float]:
         """The first and last slice's position (mm along the normal): the range of the head it covers."""
         positions = [image.position for image in self.slices if not math.isnan(image.position)]
@@ -150,8 +160,9 @@ class Series:
         low, high = self.span
         extent = "" if math.isnan(low) else f", {low:.1f} to {high:.1f} mm"
         contrast = ", contrast" if self.contrast else ""
+        part = f", body part {self.other_part}" if self.other_part else ""
         count = f"{len(self.slices)} slice{'' if len(self.slices) == 1 else 's'}"
-        return f"{name}: {count}{thickness}{kernel}{extent}{contrast}"
+        return f"{name}: {count}{thickness}{kernel}{extent}{contrast}{part}"
 
 
 @dataclass
@@ -197,20 +208,23 @@ def contrast_series(description: str, agent: str) -> bool:
 
 
 def choice_key(series: Series) -> tuple:
-    """The rule that ranks a study's series, lowest first: plain before contrast (contrast looks like blood in the
+    """The rule that ranks a study's series, lowest first: the head (or a series that names no body part) before a
+    series that names another (a cervical spine of a trauma study can have more slices of the same thickness), then
+    plain before contrast (contrast looks like blood in the
     brain window), positions that span a range before positions that do not (files converted from a volume: no
     known geometry), a soft-tissue kernel before a sharp one, then the thickness closest to 5 mm (the thick series
     the model's 5 mm training slices resemble), then the most slices, then the series number."""
     thickness = series.thickness
     off = abs(thickness - PREFERRED_THICKNESS_MM) if not math.isnan(thickness) else math.inf
     low, high = series.span
-    return (series.contrast, not high > low, series.sharp, round(off, 2), -len(series.slices),
+    return (bool(series.other_part), series.contrast, not high > low, series.sharp, round(off, 2), -len(series.slices),
             _number_order(series.number), series.key)
 
 
 def read_on(series: list[Series]) -> list[Series]:
     """The series a study is read on, in position order: the first of its eligible `series` by choice_key, then,
-    in that order, each further series of the same kind (plain or contrast, soft or sharp kernel) of which less
+    in that order, each further series of the same kind (head or another named body part, plain or contrast, soft or
+    sharp kernel) of which less
     than JOIN_OVERLAP (half) of its span lies inside the spans already read, and which starts or ends within
     JOIN_GAP_MM of them. So the posterior fossa and the cerebrum of a split protocol are both read, while a thin,
     bone or mirrored copy of a range already read is an alternative, predicted and listed, and a distant range
@@ -223,7 +237,8 @@ def read_on(series: list[Series]) -> list[Series]:
         joined = False
         for candidate in waiting:
             low, high = candidate.span
-            same_kind = (candidate.contrast, candidate.sharp) == (read[0].contrast, read[0].sharp)
+            same_kind = (bool(candidate.other_part), candidate.contrast, candidate.sharp) == (
+                bool(read[0].other_part), read[0].contrast, read[0].sharp)
             spans = [s.span for s in read]
             gap = min(max(0.0, start - high, low - end) for start, end in spans)
             new_range = _inside(low, high, spans) < JOIN_OVERLAP * (high - low)
@@ -423,7 +438,8 @@ def _classify(path: Path, ds: Dataset, preamble: bool, modalities: frozenset[str
                      field_of_view=field_of_view(ds.get("PixelSpacing"), int(tag_value(ds, "Rows", 0) or 0),
                                                  int(tag_value(ds, "Columns", 0) or 0)),
                      kernel=kernel, description=str(ds.get("SeriesDescription", "") or "").strip(),
-                     contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(), **known)
+                     contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(),
+                     body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(), **known)
 
 
 def _unusable(ds: Dataset, modalities: frozenset[str]) -> tuple[str, str]:
