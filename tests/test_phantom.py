@@ -1,5 +1,6 @@
 """The synthetic phantom: RSNA layout, real DICOM files, honest labels and the documented quirks."""
 
+import dataclasses
 import json
 import math
 import re
@@ -327,7 +328,7 @@ def test_each_site_writes_its_geometry_into_the_headers(sites):
         assert (0.0 in tilts) == (site.tilted < 1) and bool(tilted) == (site.tilted > 0), (name, tilts)
     spacing = {name: float(pydicom.dcmread(next((root / "stage_2_train").glob("*.dcm"))).PixelSpacing[0])
                for name, root in sites.items()}
-    assert spacing["B"] < spacing["A"] < spacing["C"]
+    assert spacing["C"] < spacing["A"] < spacing["B"]
 
 
 def test_each_site_has_its_noise_kernel_blood_and_beam_hardening(sites):
@@ -337,11 +338,11 @@ def test_each_site_has_its_noise_kernel_blood_and_beam_hardening(sites):
         assert site.noise[0] - 0.8 <= sd <= site.noise[1] + 0.5, (name, sd)
     corr = {name: np.median(f["corr"]) for name, f in figures.items()}
     # a sharp kernel anti-correlates neighbouring pixels' noise, a smooth one correlates it
-    assert corr["B"] < corr["A"] - 0.08 and corr["C"] > corr["A"] + 0.3, corr
-    # acute blood (A, B) is brighter than any brain; older blood (C) is barely brighter than grey matter
-    for name in "AB":
+    assert corr["C"] < corr["A"] - 0.08 and corr["B"] > corr["A"] + 0.3, corr
+    # acute blood (A, C) is brighter than any brain; older blood (B) is barely brighter than grey matter
+    for name in "AC":
         assert min(figures[name]["positive"]) >= 60 > max(figures[name]["negative"]) + 10, name
-    assert max(figures["C"]["positive"]) <= 52, figures["C"]["positive"]
+    assert max(figures["B"]["positive"]) <= 52, figures["B"]["positive"]
     rim = {name: np.mean(f["rim"]) for name, f in figures.items()}
     # a beam-hardening rim of h HU fading over 5 mm adds about h/2 between 2 and 5 mm deep
     assert all(rim[name] - rim["A"] > 0.25 * SITES[name].beam_hardening for name in "BC"), rim
@@ -352,8 +353,12 @@ def test_an_unknown_site_is_refused(tmp_path):
         generate(tmp_path, patients=1, slices=1, size=32, site="Z")
 
 
-def test_each_site_has_its_own_cache_folder_and_a_keeps_its_own(tmp_path):
+def test_each_site_has_its_own_cache_folder_and_a_keeps_its_own(tmp_path, monkeypatch):
     settings = dict(patients=2, slices=3, size=32, seed=0, quirks=True)
     before = phantom_root(tmp_path, settings)
     assert phantom_root(tmp_path, {**settings, "site": "A"}) == before
-    assert phantom_root(tmp_path, {**settings, "site": "B"}).name == f"{before.name}-site-B"
+    b = phantom_root(tmp_path, {**settings, "site": "B"})
+    assert b.name.startswith(f"{before.name}-site-B-") and b != phantom_root(tmp_path, {**settings, "site": "C"})
+    # a profile changed in code (as B and C once swapped) is written afresh, not read from the old profile's files
+    monkeypatch.setitem(SITES, "B", dataclasses.replace(SITES["B"], beam_hardening=0.0))
+    assert phantom_root(tmp_path, {**settings, "site": "B"}) != b

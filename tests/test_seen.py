@@ -330,12 +330,12 @@ def test_a_model_of_image_folders_names_them_and_leaves_its_flag_unknown(cache_d
 
 @pytest.mark.slow
 def test_the_flag_fires_across_phantom_sites_and_not_within_one(phantom_model, cache_dir, tmp_path):
-    """The site test bed: other patients of the training site keep inside the ranges; site B's scanner (noise 8-12 HU
+    """The site test bed: other patients of the training site keep inside the ranges; site C's scanner (noise 8-12 HU
     against site A's 3-6 HU, a 210-220 mm field of view against 230-250 mm) lies outside them."""
     other_people = [*SMALL_PHANTOM, "data.phantom.seed=3", f"data.cache_dir={cache_dir}"]
     same_site, _ = evaluate(phantom_model[0], tmp_path / "A", "data=phantom", *other_people)
-    other_site, _ = evaluate(phantom_model[0], tmp_path / "B", "data=phantom", "data.phantom.site=B", *other_people)
+    other_site, _ = evaluate(phantom_model[0], tmp_path / "C", "data=phantom", "data.phantom.site=C", *other_people)
     assert same_site["data/ood_series_share"] == 0
     assert other_site["data/ood_series_share"] == 1
-    flags = pd.read_csv(tmp_path / "B" / "series_ood.csv")
+    flags = pd.read_csv(tmp_path / "C" / "series_ood.csv")
     assert flags["ood_figures"].str.contains("brain_noise_hu").all()

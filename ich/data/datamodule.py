@@ -43,12 +43,18 @@ SOURCES = READERS
 
 
 def phantom_root(cache_dir: Path, settings: dict) -> Path:
-    """One folder per phantom setting, so a changed setting never reuses stale files; the site is named in it
-    (phantom-<key>-site-B), except for site A, whose folder is the one written before sites existed."""
+    """One folder per phantom setting, so a changed setting never reuses stale files; the site is named in it with
+    a key of its profile (phantom-<key>-site-B-<profile key>: a profile changed in code is another folder), except
+    for site A, whose folder is the one written before sites existed."""
+    from ich.data.phantom import get_site
+
     others = {name: value for name, value in settings.items() if name != "site"}
     key = hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:10]
     site = settings.get("site", "A")
-    return cache_dir / (f"phantom-{key}" if site == "A" else f"phantom-{key}-site-{site}")
+    if site == "A":
+        return cache_dir / f"phantom-{key}"
+    profile = hashlib.sha1(repr(get_site(site)).encode()).hexdigest()[:6]
+    return cache_dir / f"phantom-{key}-site-{site}-{profile}"
 
 
 def ensure_phantom(cache_dir: Path, settings: dict) -> Path:

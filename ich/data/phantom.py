@@ -11,9 +11,10 @@ positive, i.e. down the image), `w` along the slice normal. The DICOM geometry o
 in patient space, so a tilted series is the same head as an upright one.
 
 Every file comes from one scanner of one hospital, a `Site` of SITES: site A is the phantom as it always was,
-sites B and C image the same heads on other scanners (noise, reconstruction kernel, field of view, slice
-thickness, gantry tilt, beam hardening) and, at C, in another population (older, less dense bleeds). Training on
-one site and testing on another is the site-shift test bed (`python -m ich.site_shift`).
+sites B and C image the same kind of heads on other scanners (noise, reconstruction kernel, field of view, slice
+thickness, gantry tilt, beam hardening) and, at B, in another population (older, less dense bleeds): B is another
+hospital in every respect, C the same population on another scanner. Training on one site and testing on another
+is the site-shift test bed (`python -m ich.site_shift`).
 
 `python -m ich.phantom` writes it anywhere.
 """
@@ -85,12 +86,14 @@ SITES: dict[str, Site] = {
     # the phantom as it always was: its files are byte for byte those written before sites existed
     "A": Site("A", noise=(3.0, 6.0), kernel="drawn", kernel_mm=0.0, fields_of_view=(230.0, 240.0, 250.0),
               thickness=5.0, tilted=1 / 3, tilt=(11.0, 15.0), bleed_hu=None, beam_hardening=0.0),
-    # another vendor's helical scanner at a lower dose: a sharp kernel, a tight field of view, thin slices, no tilt
-    "B": Site("B", noise=(8.0, 12.0), kernel="sharp", kernel_mm=0.5, fields_of_view=(210.0, 220.0),
-              thickness=2.5, tilted=0.0, tilt=(0.0, 0.0), bleed_hu=None, beam_hardening=4.0),
-    # an older step-and-shoot scanner with a smooth kernel, every series tilted, and patients who come days late
-    "C": Site("C", noise=(2.0, 4.0), kernel="smooth", kernel_mm=0.7, fields_of_view=(250.0, 260.0, 280.0),
+    # another hospital: an older step-and-shoot scanner with a smooth kernel, every series tilted, and patients who
+    # come days late (until 2026-12-06 this profile was site C, and C's was B's)
+    "B": Site("B", noise=(2.0, 4.0), kernel="smooth", kernel_mm=0.7, fields_of_view=(250.0, 260.0, 280.0),
               thickness=5.0, tilted=1.0, tilt=(18.0, 22.0), bleed_hu=(30.0, 50.0), beam_hardening=6.0),
+    # the same population on another vendor's helical scanner at a lower dose: a sharp kernel, a tight field of view,
+    # thin slices, no tilt
+    "C": Site("C", noise=(8.0, 12.0), kernel="sharp", kernel_mm=0.5, fields_of_view=(210.0, 220.0),
+              thickness=2.5, tilted=0.0, tilt=(0.0, 0.0), bleed_hu=None, beam_hardening=4.0),
 }
 ACUTE_HU = (55.0, 80.0)  # the range the subtypes' blood densities are drawn from, mapped onto a site's bleed_hu
 

@@ -48,6 +48,13 @@ def halved(table: pd.DataFrame, plain: str, augmented: str, site: str, name: str
                 and there.loc[augmented, name] >= there.loc[plain, name])
 
 
+def verdict(table: pd.DataFrame, plain: str, augmented: str, site: str, name: str = "auroc") -> str:
+    """`met`, `NOT met`, or `no drop to halve` where the `plain` training loses nothing at `site`."""
+    if not table[(table["site"] == site) & (table["training"] == plain)][f"{name}_drop"].iloc[0] > 0:
+        return "no drop to halve"
+    return "met" if halved(table, plain, augmented, site, name) else "NOT met"
+
+
 def markdown(table: pd.DataFrame, home: str) -> str:
     """The table as Markdown: a row per training and test site, each figure with its 95% interval, and the drops."""
     header = ["training", "tested at", *(name.replace("op_", "op ") for name in FIGURES),
