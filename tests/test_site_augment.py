@@ -13,8 +13,8 @@ from ich.data.windows import Window, window_planes
 from tests.conftest import make_datamodule
 
 # Every step off: a test turns on the one it checks.
-NOTHING = dict(p=1.0, window_center=0.0, window_width=0.0, noise=(0.0, 0.0), kernel_p=0.0, resolution_p=0.0, density_p=0.0,
-               gamma=0.0, contrast=0.0)
+NOTHING = dict(p=1.0, window_center=0.0, window_width=0.0, noise=(0.0, 0.0), kernel_p=0.0, resolution_p=0.0,
+               density_p=0.0, gamma=0.0, contrast=0.0)
 BRAIN, SOFT = Window(40, 80), Window(40, 380)
 
 
