@@ -35,7 +35,8 @@ from ich.data.windows import parse_windows, window_pairs
 from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
 from ich.evaluation.html_report import write_evaluation_report
 from ich.evaluation.metrics import metrics_at_once
-from ich.evaluation.operating import honest_metrics, slice_groups, source_metrics
+from ich.evaluation.operating import (choose_thresholds, headline_output, honest_metrics, one_vs_rest, slice_groups,
+                                      source_metrics)
 from ich.evaluation.plots import save_figures, save_reliability_diagram
 from ich.inference.study import files_read
 from ich.training.module import ICHLitModule, SliceClassifier, predict_logits
@@ -68,6 +69,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if stage_two and (test_dir is not None or cfg.get("study_labels")):
         raise ValueError("test_dir and study_labels take stage-1 checkpoints for now: pass the stage-2 model's encoder "
                          "run as ckpt_path.")
+    local = float(cfg.get("local_operating_point") or 0)
+    if local and (stage_two or cfg.get("study_labels") or not 0 < local < 1):
+        raise ValueError(f"local_operating_point={local:g} takes a share between 0 and 1 of the test patients, for a "
+                         "stage-1 checkpoint tested on slice labels (not study_labels, not stage 2).")
     run_dir = training_run_dir(checkpoint)
     inputs, trained = saved_inputs(model, checkpoint)
     source = announce(inputs)
@@ -91,6 +96,9 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     trainer = prediction_trainer(cfg, output_dir, model)
     loader, table = datamodule.predict_dataloader(), datamodule.tables["test"]
     ids, logits, targets = predict_logits(trainer, model, loader)
+    chosen_on = "the validation patients"
+    if local:
+        ids, logits, targets, chosen_on = choose_locally(cfg, model, table, ids, logits, targets, local)
     probs = model.probabilities(logits)  # at the checkpoint's temperature
 
     metrics = compute_metrics(task, float(model.hparams.threshold), probs, targets)
@@ -105,6 +113,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     if stage_two:
         metrics.update(exam_score_metrics(trainer, model, loader))
     metrics["data/slices_test"] = float(len(ids))
+    if local:
+        metrics["data/local_op_slices"] = float(len(table) - len(ids))
     flags = test_series_flags(slices, inputs, output_dir)
     metrics.update(flag_counts(flags))
     write_json(output_dir / "metrics.json", metrics, first={"training_source": source.text})
@@ -115,12 +125,44 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     name = model.hparams.get("backbone", "sequence")
     write_evaluation_report(output_dir / "report.html", title=f"{task.name} / {name}: evaluation",
                             checkpoint=checkpoint, data=f"{data['source']} {data.get('root') or ''}".strip(),
-                            model=model, datamodule=slices, metrics=metrics, predictions=table, ood=flags)
+                            model=model, datamodule=slices, metrics=metrics, predictions=table, ood=flags,
+                            chosen_on=chosen_on)
 
     if test_dir is not None:
         write_submission(output_dir / "submission.csv", trainer, model, datamodule, test_dir)
     print_metrics(metrics, title=f"{task.name} / {name} on {len(ids)} test slices -> {output_dir}")
     return metrics
+
+
+def choose_locally(cfg: DictConfig, model: ICHLitModule, table: pd.DataFrame, ids: list[str], logits: torch.Tensor,
+                   targets: torch.Tensor, share: float) -> tuple[list[str], torch.Tensor, torch.Tensor, str]:
+    """local_operating_point: the model's thresholds chosen again, by its own rule (task.operating_point), on a
+    seeded `share` of these test patients, as on validation in training; returns the other patients' slices to
+    test, and where the thresholds were chosen, in words. A model moving to another hospital keeps its weights and
+    takes that hospital's operating point."""
+    patients, _ = slice_groups(table, ids)
+    names = np.unique(patients)
+    count = min(len(names) - 1, max(1, round(share * len(names))))
+    chosen = set(np.random.default_rng(int(cfg.seed)).permutation(names)[:count].tolist())
+    here = np.isin(patients, list(chosen))
+    truth = one_vs_rest(model.task, targets.numpy())
+    headline = headline_output(model.task) or 0
+    if len(names) < 2 or truth[here, headline].min() == truth[here, headline].max():
+        raise ValueError(f"local_operating_point={share:g} chose {count} of {len(names)} patients, whose slices lack "
+                         f"{'a positive' if truth[here, headline].max() == 0 else 'a negative'} "
+                         f"{model.task.outputs[headline]} slice: give a larger share, or evaluate on more patients.")
+    before = model.op_thresholds.clone()
+    thresholds = choose_thresholds(model.probabilities(logits[here]).numpy(), truth[here],
+                                   model.hparams.operating_point, model.hparams.target_sensitivity,
+                                   fallback=model.hparams.threshold)
+    model.op_thresholds.copy_(torch.as_tensor(thresholds))
+    log.info("Local operating point (%s) on %d of %d patients (%d slices): thresholds %s (the checkpoint's: %s); "
+             "tested on the other %d", model.hparams.operating_point, count, len(names), int(here.sum()),
+             ", ".join(f"{t:.4f}" for t in thresholds), ", ".join(f"{t:.4f}" for t in before.tolist()),
+             len(names) - count)
+    rest = np.flatnonzero(~here)
+    where = f"{count} of these {len(names)} patients (local_operating_point={share:g}), the others tested"
+    return [ids[i] for i in rest], logits[rest], targets[rest], where
 
 
 # --- which checkpoint, which data ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST_RUN, compose_config
+from conftest import FAST_RUN, SMALL_PHANTOM, compose_config
 from ich import CONFIG_DIR
 from ich.core.tasks import LABELS, SUBTYPES
 from ich.data.phantom import generate
@@ -306,3 +307,28 @@ def test_report_shows_the_operating_point_and_tiles_without_identifiers(evaluati
     assert "http://" not in page and "https://" not in page
     assert "operating point" in page and page.count("data:image/png;base64,") >= 4
     assert not any(value in page for value in [*predictions["image_id"], *predictions["patient"].astype(str)])
+
+
+def test_a_local_operating_point_is_chosen_on_a_share_of_the_new_patients_and_tested_on_the_others(
+        binary, cache_dir, tmp_path):
+    """local_operating_point=0.5 on another phantom (every slice a test slice): the threshold is the checkpoint's
+    rule (the highest threshold reaching 95% sensitivity) applied to half of the patients' slices, computed here by
+    hand from a full evaluation's probabilities, and only the other half is tested at it."""
+    other = ["data=phantom", *SMALL_PHANTOM, "data.phantom.patients=12", "data.phantom.seed=5",
+             f"data.cache_dir={cache_dir}"]
+    full = evaluate(binary, tmp_path / "full", *other)
+    local = evaluate(binary, tmp_path / "local", *other, "local_operating_point=0.5")
+    everyone = pd.read_csv(tmp_path / "full" / "predictions.csv")
+    tested = pd.read_csv(tmp_path / "local" / "predictions.csv")
+    chosen_on = everyone[~everyone["patient"].isin(tested["patient"])]
+    assert everyone["patient"].nunique() == 12 and chosen_on["patient"].nunique() == 6
+    assert set(tested["image_id"]) == set(everyone["image_id"]) - set(chosen_on["image_id"])
+    assert local["data/slices_test"] == len(tested) and local["data/local_op_slices"] == len(chosen_on)
+    positives = np.sort(chosen_on.loc[chosen_on["target_any"] == 1, "prob_any"].to_numpy())[::-1]
+    expected = positives[math.ceil(0.95 * len(positives)) - 1]  # the lowest probability that must still be called
+    assert local["test/op_threshold"] == pytest.approx(expected, abs=1e-6)
+    assert full["test/op_threshold"] != pytest.approx(expected, abs=1e-6)  # the checkpoint's, from validation
+    report = (tmp_path / "local" / "report.html").read_text()
+    assert "chosen on 6 of these 12 patients (local_operating_point=0.5)" in report
+    with pytest.raises(ValueError, match="local_operating_point=1.5 takes a share between 0 and 1"):
+        evaluate(binary, tmp_path / "bad", *other, "local_operating_point=1.5")

@@ -135,6 +135,7 @@ def write_report(
     fixed_threshold: float = 0.5,
     tiles: Mapping[str, Sequence[Tile]] | None = None,
     source: TrainingSource | None = None,
+    chosen_on: str = "the validation patients",
 ) -> Path:
     """Write the evaluation's report.html (atomically) and return its path.
 
@@ -149,6 +150,7 @@ def write_report(
         fixed_threshold: the threshold of `test/sensitivity` and `test/specificity` (the task's threshold).
         tiles: section title -> windowed slices and captions, worst first (see worst_cases).
         source: what the model was trained on (ich.data.seen.training_source), the page's first line.
+        chosen_on: where the operating thresholds were chosen, in words ("the validation patients").
     """
     path = Path(path)
     if thresholds is not None and set(outputs) - set(thresholds):
@@ -161,9 +163,9 @@ def write_report(
     body = "\n".join([
         source_banner(source) if source is not None else "",
         _about_section(about, metrics, predictions, outputs),
-        _metrics_section(metrics, predictions, outputs, fixed_threshold, categorical),
+        _metrics_section(metrics, predictions, outputs, fixed_threshold, categorical, chosen_on),
         _sources_section(metrics),
-        _curves_section(predictions, outputs, points, fixed, thresholds is not None),
+        _curves_section(predictions, outputs, points, fixed, thresholds is not None, chosen_on),
         _calibration_section(predictions, outputs),
         _confusion_section(predictions, outputs, points, categorical, thresholds is not None),
         _tiles_section(tiles or {}),
@@ -187,7 +189,7 @@ def _about_section(about: Mapping[str, str], metrics: Mapping, predictions: pd.D
 
 
 def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Sequence[str], fixed_threshold: float,
-                     categorical: bool) -> str:
+                     categorical: bool, chosen_on: str) -> str:
     fixed = "highest probability" if categorical else f"threshold {fixed_threshold:g}"
     head = (
         '<thead><tr><th rowspan="2">output</th><th rowspan="2" class="num">positive / slices</th>'
@@ -220,7 +222,7 @@ def _metrics_section(metrics: Mapping, predictions: pd.DataFrame, outputs: Seque
         ], summary=True))
     note = (
         "A slice is called positive when its probability is at least the threshold. The operating point is the "
-        "model's threshold per output, chosen on the validation patients (a fixed threshold is none). "
+        f"model's threshold per output, chosen on {chosen_on} (a fixed threshold is none). "
         "[low, high]: 95% interval from resampling patients (bootstrap), where metrics.json holds one; "
         f"ECE: expected calibration error over equal-mass bins; {MISSING}: not in metrics.json; "
         "n/a: undefined on these slices (a class absent)."
@@ -288,7 +290,7 @@ def _interval(metrics: Mapping, name: str, suffix: str) -> str:
 
 
 def _curves_section(predictions: pd.DataFrame, outputs: Sequence[str], points: Mapping[str, float],
-                    fixed: float | None, chosen: bool) -> str:
+                    fixed: float | None, chosen: bool, chosen_on: str) -> str:
     figures = [
         figure_tag(_curve_figure(name, output_truth(predictions, name), predictions[f"prob_{name}"].to_numpy(),
                               points[name], fixed, chosen), f"ROC and precision-recall curves of {name}")
@@ -297,7 +299,7 @@ def _curves_section(predictions: pd.DataFrame, outputs: Sequence[str], points: M
     if not chosen:
         note = f"No operating thresholds were given: the dot marks threshold {next(iter(points.values())):g}."
     else:
-        note = "The red dot marks the operating point (the model's threshold, chosen on validation)"
+        note = f"The red dot marks the operating point (the model's threshold, chosen on {chosen_on})"
         note += f"; the open square, threshold {fixed:g}." if fixed is not None else "."
     return section("curves", "ROC and precision-recall curves", "".join(figures), note)
 
@@ -535,11 +537,11 @@ def _data_uri(png: bytes) -> str:
 
 def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | Path, data: str, model, datamodule,
                             metrics: Mapping[str, float | None], predictions: pd.DataFrame, tiles_per_case: int = 8,
-                            ood: pd.DataFrame | None = None) -> Path:
+                            ood: pd.DataFrame | None = None, chosen_on: str = "the validation patients") -> Path:
     """report.html of a tested checkpoint: first what it was trained on, then the model's thresholds (the operating
     point) and, as tiles, the worst false negatives and false positives of the headline output, read from the data
     module's test split (the labelled slice itself, first window). `ood`: the test series' flags (ich.data.seen.ood_table),
-    summed up in the first table."""
+    summed up in the first table. `chosen_on`: where the model's thresholds were chosen, in words."""
     outputs = model.task.outputs
     inputs = model.hparams.get("inputs") or {}
     thresholds = dict(zip(outputs, model.op_thresholds.cpu().tolist()))
@@ -554,6 +556,7 @@ def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | P
     about = {"checkpoint": str(checkpoint), "data": data, "skipped": skipped}
     if ood is not None:
         about["out of distribution"] = ood_summary(ood)
+    about["operating point"] = f"chosen on {chosen_on}"
     return write_report(path, title=title, about=about, metrics=metrics, predictions=predictions, outputs=outputs,
                         thresholds=thresholds, fixed_threshold=float(model.hparams.threshold), tiles=tiles,
-                        source=training_source(inputs))
+                        source=training_source(inputs), chosen_on=chosen_on)
