@@ -26,7 +26,8 @@ from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, Verification
+from pynetdicom.sop_class import (BasicTextSRStorage, ComprehensiveSRStorage, CTImageStorage,
+                                  SecondaryCaptureImageStorage, Verification)
 
 from conftest import FAST_RUN, compose_config
 from pacs import echoscu, free_port, phantom_study, start_orthanc, start_storescp, storescu, wait_until
@@ -83,18 +84,21 @@ def save_folder(study: list[Dataset], folder: Path) -> Path:
 
 
 @contextmanager
-def destination(port: int):
-    """A storage SCP on `port` that keeps every dataset it receives (the PACS the answers go to)."""
+def destination(port: int, refuse: dict[str, int] | None = None, contexts=AllStoragePresentationContexts):
+    """A storage SCP on `port` that keeps every dataset it receives (the PACS the answers go to); it answers the
+    SOP classes of `refuse` with their failure status instead, and accepts only `contexts`."""
     received: list[Dataset] = []
 
     def store(event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
+        if str(ds.SOPClassUID) in (refuse or {}):
+            return refuse[str(ds.SOPClassUID)]
         received.append(ds)
         return 0x0000
 
     ae = AE(ae_title="DEST")
-    ae.supported_contexts = AllStoragePresentationContexts
+    ae.supported_contexts = contexts
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
     try:
         yield received
@@ -357,6 +361,31 @@ def test_a_destination_that_is_down_gets_the_answer_once_it_is_up(checkpoint, st
             wait_for(lambda: len(received) == 1 + HEATMAPS, what="the delivery after the destination came up")
             wait_for(lambda: not list(outbox.iterdir()), what="an empty outbox")
     assert len(reports(received, str(study[0].StudyInstanceUID))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refusal", ["status", "context"])
+def test_an_answer_the_destination_refuses_for_good_is_set_aside_and_the_answers_behind_it_go_on(
+        checkpoint, studies, tmp_path, refusal):
+    """A PACS that refuses SRs (0xA900, dataset does not match SOP class; or no presentation context for them at
+    all) still gets every Secondary Capture of two studies, and each SR waits in undeliverable/ with the reason."""
+    sr = str(ComprehensiveSRStorage)
+    refuse = {sr: 0xA900} if refusal == "status" else None
+    contexts = [c for c in AllStoragePresentationContexts if refusal == "status" or c.abstract_syntax != sr]
+    with running_node(checkpoint, tmp_path) as (node, port, dest_port), \
+            destination(dest_port, refuse, contexts) as received:
+        send(port, studies[0])
+        send(port, studies[1])
+        outbox = node.spool.outboxes / node.forwarder.destinations[0].folder
+        aside = tmp_path / "spool" / "undeliverable" / outbox.name
+        wait_for(lambda: len(list(aside.glob("*.dcm"))) == 2 and not list(outbox.iterdir()),
+                 what="both SRs set aside and an empty outbox")
+        wait_for(lambda: len(received) == 2 * HEATMAPS, what="every Secondary Capture delivered")
+        assert node.forwarder.thread.is_alive()
+    assert {str(ds.SOPClassUID) for ds in received} == {str(SecondaryCaptureImageStorage)}
+    reason = "status 0xA900" if refusal == "status" else "no presentation context accepted for Comprehensive SR"
+    assert all(reason in path.read_text() for path in aside.glob("*.txt")) and len(list(aside.glob("*.txt"))) == 2
+    assert {pydicom.dcmread(path).SOPClassUID for path in aside.glob("*.dcm")} == {sr}
 
 
 # --- TLS -------------------------------------------------------------------------------------------------------

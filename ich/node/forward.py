@@ -1,8 +1,11 @@
 """Answers out to `serve.destinations` by C-STORE, from the spool's outbox, so nothing waits only in memory.
 
-A destination that is down, refuses the association or a file is tried again after a backoff that doubles from
-`serve.retry.first_s` up to `serve.retry.max_s`, for as long as the node runs; what is still in the outbox when
-it stops is sent after the next start. A file leaves the outbox only once the destination answered success.
+A destination that is down, refuses the association, or refuses a file for now (0xA7xx, out of resources; or the
+association drops) is tried again after a backoff that doubles from `serve.retry.first_s` up to
+`serve.retry.max_s`, for as long as the node runs; what is still in the outbox when it stops is sent after the next
+start. A file leaves the outbox once the destination answered success, or once it refused that file for good (any
+other failure status, or no presentation context for its SOP class): then it moves to the spool's undeliverable/
+folder with the reason, and a warning is logged, so that it does not hold back the answers behind it.
 """
 
 import logging
@@ -20,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # success, and the warnings that still store the object (PS3.4 C-STORE: coercion, elements discarded, mismatch)
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+# failures worth trying again: Refused, Out of Resources (0xA7xx), and Resource Limitation (PS3.7 C.5)
+TRANSIENT_HIGH_BYTE, RESOURCE_LIMITATION = 0xA7, 0x0213
 
 
 @dataclass
@@ -73,20 +78,37 @@ class Forwarder:
         for sop_class in classes:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-        sent, established = 0, assoc.is_established
+        sent = refused = 0
+        established = assoc.is_established
         if established:
             for path in files:
-                status = assoc.send_c_store(pydicom.dcmread(path))
-                if "Status" not in status or int(status.Status) not in STORED:
-                    break
-                self.spool.sent(path)
-                sent += 1
-            assoc.release()
-        if sent == len(files):
+                ds = pydicom.dcmread(path)
+                try:
+                    status = assoc.send_c_store(ds)
+                except ValueError:  # the destination accepted no presentation context for this SOP class
+                    status, code = None, f"no presentation context accepted for {ds.SOPClassUID.name}"
+                else:
+                    if "Status" not in status:  # no answer: the association dropped or timed out
+                        break
+                    code = f"status 0x{int(status.Status):04X}"
+                    if int(status.Status) in STORED:
+                        self.spool.sent(path)
+                        sent += 1
+                        continue
+                    if int(status.Status) >> 8 == TRANSIENT_HIGH_BYTE or int(status.Status) == RESOURCE_LIMITATION:
+                        break
+                moved = self.spool.undeliverable(path, f"{destination.folder} refused it: {code}")
+                refused += 1
+                log.warning("Destination %s refused result file %s for good (%s): kept in %s, the rest go on.",
+                            destination.folder, path.name, code, moved.parent)
+            if assoc.is_established:
+                assoc.release()
+        if sent + refused == len(files):
             if destination.down:
                 log.info("Destination %s is reachable again.", destination.folder)
             destination.down, destination.wait_s, destination.next_try = False, 0.0, 0.0
-            log.info("Sent %d result file(s) to %s.", sent, destination.folder)
+            log.info("Sent %d result file(s) to %s%s.", sent, destination.folder,
+                     f" ({refused} refused for good, set aside)" if refused else "")
             return
         destination.wait_s = min(self.max_s, max(self.first_s, 2 * destination.wait_s))
         destination.next_try = time.monotonic() + destination.wait_s

@@ -9,6 +9,7 @@ Layout under `serve.spool` (names are pseudonyms, ich.core.privacy; the files th
     studies/<study>/state.json            the answers recorded, written after their files are stored and queued
     outbox/<destination>/<file>           answers waiting for a destination (hard links to the answer's files)
     rejected/<name>.dcm and .txt          what did not parse, and why
+    undeliverable/<destination>/<file>    answers a destination refused for good, each with a .txt saying why
 
 An answer becomes real when its folder is renamed from a staging name to its number; `recover` finishes the
 queueing and recording of any answer a kill interrupted after that point, and the staging folder of one it
@@ -196,6 +197,18 @@ class Spool:
     def sent(self, path: Path) -> None:
         path.unlink()
         sync_folder(path.parent)
+
+    def undeliverable(self, path: Path, reason: str) -> Path:
+        """Move an outbox file that its destination refused for good to undeliverable/<destination>/, beside a .txt
+        with `reason`, so the answers behind it go on; returns where it is now."""
+        folder = self.root / "undeliverable" / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        self.write_synced(folder / f"{path.name}.txt", (reason + "\n").encode())
+        moved = folder / path.name
+        os.replace(path, moved)
+        sync_folder(folder)
+        sync_folder(path.parent)
+        return moved
 
 
 def folder_bytes(root: Path) -> int:
