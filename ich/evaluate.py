@@ -33,10 +33,9 @@ from ich.data.encoding import parse_encoding_windows
 from ich.data.seen import TrainingSource, announce, ood_table
 from ich.data.windows import parse_windows, window_pairs
 from ich.evaluation.exam import exam_metrics, exam_table, exams_of, report_exams, stage_exams
-from ich.evaluation.html_report import write_evaluation_report
+from ich.evaluation.html_report import CHOSEN_ON_VALIDATION, write_evaluation_report
 from ich.evaluation.metrics import metrics_at_once
-from ich.evaluation.operating import (choose_thresholds, headline_output, honest_metrics, one_vs_rest, slice_groups,
-                                      source_metrics)
+from ich.evaluation.operating import headline_output, honest_metrics, one_vs_rest, slice_groups, source_metrics
 from ich.evaluation.plots import save_figures, save_reliability_diagram
 from ich.inference.study import files_read
 from ich.training.module import ICHLitModule, SliceClassifier, predict_logits
@@ -96,7 +95,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, fl
     trainer = prediction_trainer(cfg, output_dir, model)
     loader, table = datamodule.predict_dataloader(), datamodule.tables["test"]
     ids, logits, targets = predict_logits(trainer, model, loader)
-    chosen_on = "the validation patients"
+    chosen_on = CHOSEN_ON_VALIDATION
     if local:
         ids, logits, targets, chosen_on = choose_locally(cfg, model, table, ids, logits, targets, local)
     probs = model.probabilities(logits)  # at the checkpoint's temperature
@@ -142,20 +141,19 @@ def choose_locally(cfg: DictConfig, model: ICHLitModule, table: pd.DataFrame, id
     takes that hospital's operating point."""
     patients, _ = slice_groups(table, ids)
     names = np.unique(patients)
+    if len(names) < 2:
+        raise ValueError(f"local_operating_point={share:g} needs two patients or more, to choose on some and test on "
+                         f"the others; this data has {len(names)}: evaluate on more patients.")
     count = min(len(names) - 1, max(1, round(share * len(names))))
-    chosen = set(np.random.default_rng(int(cfg.seed)).permutation(names)[:count].tolist())
-    here = np.isin(patients, list(chosen))
+    here = np.isin(patients, np.random.default_rng(int(cfg.seed)).permutation(names)[:count])
     truth = one_vs_rest(model.task, targets.numpy())
     headline = headline_output(model.task) or 0
-    if len(names) < 2 or truth[here, headline].min() == truth[here, headline].max():
+    if truth[here, headline].min() == truth[here, headline].max():
         raise ValueError(f"local_operating_point={share:g} chose {count} of {len(names)} patients, whose slices lack "
                          f"{'a positive' if truth[here, headline].max() == 0 else 'a negative'} "
                          f"{model.task.outputs[headline]} slice: give a larger share, or evaluate on more patients.")
     before = model.op_thresholds.clone()
-    thresholds = choose_thresholds(model.probabilities(logits[here]).numpy(), truth[here],
-                                   model.hparams.operating_point, model.hparams.target_sensitivity,
-                                   fallback=model.hparams.threshold)
-    model.op_thresholds.copy_(torch.as_tensor(thresholds))
+    thresholds = model.choose_thresholds(logits[here], targets[here])
     log.info("Local operating point (%s) on %d of %d patients (%d slices): thresholds %s (the checkpoint's: %s); "
              "tested on the other %d", model.hparams.operating_point, count, len(names), int(here.sum()),
              ", ".join(f"{t:.4f}" for t in thresholds), ", ".join(f"{t:.4f}" for t in before.tolist()),

@@ -30,6 +30,7 @@ from ich.evaluation.plots import confusion_counts, draw_confusion, draw_reliabil
 
 DPI = 110  # as the PNG files of ich.evaluation.plots
 MISSING = "\u2013"  # a metric metrics.json does not hold
+CHOSEN_ON_VALIDATION = "the validation patients"  # where a model's thresholds come from, unless evaluate.py chose them
 Tile = tuple[np.ndarray, str]  # a windowed slice (HxW or HxWx3 uint8) and its caption
 FOOTER = "Written by ich: one self-contained page (no scripts, fonts or links); patients are counted, not listed."
 
@@ -135,7 +136,7 @@ def write_report(
     fixed_threshold: float = 0.5,
     tiles: Mapping[str, Sequence[Tile]] | None = None,
     source: TrainingSource | None = None,
-    chosen_on: str = "the validation patients",
+    chosen_on: str = CHOSEN_ON_VALIDATION,
 ) -> Path:
     """Write the evaluation's report.html (atomically) and return its path.
 
@@ -537,7 +538,7 @@ def _data_uri(png: bytes) -> str:
 
 def write_evaluation_report(path: str | Path, *, title: str, checkpoint: str | Path, data: str, model, datamodule,
                             metrics: Mapping[str, float | None], predictions: pd.DataFrame, tiles_per_case: int = 8,
-                            ood: pd.DataFrame | None = None, chosen_on: str = "the validation patients") -> Path:
+                            ood: pd.DataFrame | None = None, chosen_on: str = CHOSEN_ON_VALIDATION) -> Path:
     """report.html of a tested checkpoint: first what it was trained on, then the model's thresholds (the operating
     point) and, as tiles, the worst false negatives and false positives of the headline output, read from the data
     module's test split (the labelled slice itself, first window). `ood`: the test series' flags (ich.data.seen.ood_table),

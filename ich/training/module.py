@@ -68,6 +68,15 @@ class SliceClassifier(pl.LightningModule):
         [N, K] and targets; both are kept in buffers."""
         logits = logits.float().to(self.temperature.device)
         self.temperature.fill_(fit_temperature(logits, targets, self.task.loss) if self.hparams.calibrate else 1.0)
+        thresholds = self.choose_thresholds(logits, targets)
+        log.info("Operating point (%s) on %d validation slices: thresholds %s, temperature %.3f",
+                 self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
+                                                                      zip(self.task.outputs, thresholds)),
+                 float(self.temperature))
+
+    def choose_thresholds(self, logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """One threshold per output by the model's rule (operating_point, target_sensitivity) on these logits [N, K]
+        and targets at its temperature, kept in its buffer; returned too."""
         thresholds = choose_thresholds(
             self.probabilities(logits).cpu().numpy(),
             one_vs_rest(self.task, targets.cpu().numpy()),
@@ -76,10 +85,7 @@ class SliceClassifier(pl.LightningModule):
             fallback=self.hparams.threshold,
         )
         self.op_thresholds.copy_(torch.as_tensor(thresholds))
-        log.info("Operating point (%s) on %d validation slices: thresholds %s, temperature %.3f",
-                 self.hparams.operating_point, len(logits), ", ".join(f"{name} {t:.4f}" for name, t in
-                                                                      zip(self.task.outputs, thresholds)),
-                 float(self.temperature))
+        return thresholds
 
     def exam_rows(self, trainer: pl.Trainer, loader: DataLoader, ids: list[str], logits: torch.Tensor,
                   targets: torch.Tensor) -> tuple[list[str], np.ndarray, np.ndarray] | None:
