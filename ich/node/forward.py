@@ -81,22 +81,23 @@ class Forwarder:
         sent = refused = 0
         established = assoc.is_established
         if established:
+            accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
             for path in files:
                 ds = pydicom.dcmread(path)
-                try:
-                    status = assoc.send_c_store(ds)
-                except ValueError:  # the destination accepted no presentation context for this SOP class
-                    status, code = None, f"no presentation context accepted for {ds.SOPClassUID.name}"
+                if str(ds.SOPClassUID) not in accepted:
+                    code = f"no presentation context accepted for {ds.SOPClassUID.name}"
                 else:
+                    status = assoc.send_c_store(ds)
                     if "Status" not in status:  # no answer: the association dropped or timed out
                         break
-                    code = f"status 0x{int(status.Status):04X}"
-                    if int(status.Status) in STORED:
+                    value = int(status.Status)
+                    if value in STORED:
                         self.spool.sent(path)
                         sent += 1
                         continue
-                    if int(status.Status) >> 8 == TRANSIENT_HIGH_BYTE or int(status.Status) == RESOURCE_LIMITATION:
+                    if value >> 8 == TRANSIENT_HIGH_BYTE or value == RESOURCE_LIMITATION:
                         break
+                    code = f"status 0x{value:04X}"
                 moved = self.spool.undeliverable(path, f"{destination.folder} refused it: {code}")
                 refused += 1
                 log.warning("Destination %s refused result file %s for good (%s): kept in %s, the rest go on.",

@@ -201,8 +201,7 @@ class Spool:
     def undeliverable(self, path: Path, reason: str) -> Path:
         """Move an outbox file that its destination refused for good to undeliverable/<destination>/, beside a .txt
         with `reason`, so the answers behind it go on; returns where it is now."""
-        folder = self.root / "undeliverable" / path.parent.name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.folder(self.folder(self.root / "undeliverable") / path.parent.name)
         self.write_synced(folder / f"{path.name}.txt", (reason + "\n").encode())
         moved = folder / path.name
         os.replace(path, moved)
